@@ -1,0 +1,8 @@
+"""cupaged: a small, fast LLM inference engine with a paged KV cache, in Python on CuPy."""
+
+from cupaged.engine.llm import LLM
+from cupaged.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput
+from cupaged.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__version__ = "0.1.0"

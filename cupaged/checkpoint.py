@@ -1,0 +1,184 @@
+"""Finding a checkpoint and reading its safetensors weights.
+
+A model is named by a local directory, a local `.gguf` file, or a Hugging Face hub id resolved through
+huggingface_hub (its cache, HF_HOME and HF_HUB_OFFLINE are respected). Safetensors files are parsed here
+directly (an 8-byte header length, a JSON header, then raw little-endian data) and memory-mapped, so that
+bf16 reads without torch and a truncated or mismatched file is reported with the tensor and file it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+from typing import Callable
+
+import numpy as np
+
+from cupaged.config import ModelConfig
+from cupaged.device import resolve_dtype
+from cupaged.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# (expected name -> shape, dtype name) -> host tensors; reading is deferred until the model's shapes are known
+TensorSource = Callable[[dict[str, tuple[int, ...]], str], dict[str, np.ndarray]]
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found or its weights do not match the model."""
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """A local directory or .gguf file for `name`, downloading a hub id into the hub cache if needed."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() or path.suffix == ".gguf":
+            return path
+        raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
+    if str(name).startswith((".", "/", "~")) or str(name).count("/") != 1:
+        raise CheckpointError(f"{name}: no such directory or file, and not a hub id of the form 'org/model'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name), allow_patterns=WEIGHT_PATTERNS))
+    except Exception as exc:
+        raise CheckpointError(
+            f"{name}: could not get it from the Hugging Face hub or its cache ({type(exc).__name__}: {exc}). "
+            "Pass a local checkpoint directory or .gguf file with --model."
+        ) from None
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-mapped, zero-copy views of every tensor in one safetensors file (bf16 as raw uint16 bits)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated (no safetensors header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {exc}") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        begin, end = info["data_offsets"]
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, "
+                                  f"the file has {size}")
+        view_dtype = np.uint16 if dtype == "bfloat16" else dtype
+        shape = tuple(info["shape"])
+        if (end - begin) != int(np.prod(shape)) * np.dtype(view_dtype).itemsize:
+            raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes do not fit shape {shape}")
+        arr = raw[data_start + begin:data_start + end].view(view_dtype).reshape(shape)
+        tensors[name] = BF16Bits(arr) if dtype == "bfloat16" else arr
+    return tensors
+
+
+class BF16Bits(np.ndarray):
+    """A uint16 array that holds bfloat16 bit patterns (NumPy has no bf16 of its own)."""
+
+    def __new__(cls, bits: np.ndarray) -> "BF16Bits":
+        return bits.view(cls)
+
+
+def to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Convert a host tensor (bf16 bits included) to `dtype`."""
+    if isinstance(arr, BF16Bits):
+        if dtype.name == "bfloat16":
+            return np.asarray(arr).view(dtype)
+        arr = (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(arr).astype(dtype, copy=False)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory: one file, or the shards its index lists."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: malformed index ({exc})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weight files")
+    return files
+
+
+def load_tensors(path: Path, expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
+    """Read the tensors named in `expected` (name -> shape) from a checkpoint directory, as host arrays of dtype.
+
+    Names not in `expected` are ignored (e.g. rotary caches some checkpoints carry). A missing tensor or a
+    shape mismatch raises CheckpointError naming the tensor and the file.
+    """
+    target = resolve_dtype(dtype)
+    found: dict[str, tuple[np.ndarray, Path]] = {}
+    for file in safetensors_files(path):
+        for name, arr in read_safetensors(file).items():
+            found[name] = (arr, file)
+    out = {}
+    for name, shape in expected.items():
+        if name not in found:
+            raise CheckpointError(f"{path}: tensor {name} is missing from "
+                                  f"{', '.join(f.name for f in safetensors_files(path))}")
+        arr, file = found[name]
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(arr.shape)}, the config implies {shape}")
+        out[name] = to_dtype(arr, target)
+    return out
+
+
+def open_checkpoint(name: str | Path) -> tuple[ModelConfig, Tokenizer, TensorSource]:
+    """Config, tokenizer and a loader of the weights for a checkpoint directory, hub id or .gguf file."""
+    path = resolve_model_path(name)
+    if path.suffix == ".gguf":
+        from cupaged.gguf import load_gguf
+
+        gguf = load_gguf(path)
+        config = ModelConfig.from_dict(gguf.config, source=str(path))
+        tc = gguf.tokenizer_config
+        tokenizer = Tokenizer(gguf.tokenizer, tc.get("chat_template"), tc.get("bos_token"),
+                              list(tc.get("eos_token_ids", [])) + list(config.eos_token_ids), tc.get("eos_token"))
+        return config, tokenizer, lambda expected, dtype: _select(gguf.tensors, expected, dtype, path)
+    config = ModelConfig.from_file(path / "config.json")
+    tokenizer = Tokenizer.from_dir(path, config.eos_token_ids)
+    return config, tokenizer, lambda expected, dtype: load_tensors(path, expected, dtype)
+
+
+def _select(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], dtype: str,
+            path: Path) -> dict[str, np.ndarray]:
+    """The expected tensors of an in-memory checkpoint, checked and converted like load_tensors does."""
+    target = resolve_dtype(dtype)
+    out = {}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name} is missing")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"the config implies {shape}")
+        out[name] = to_dtype(tensors[name], target)
+    return out

@@ -1,0 +1,1 @@
+"""The engine: sequences, the KV block manager, the scheduler, the model runner, LLMEngine and LLM."""

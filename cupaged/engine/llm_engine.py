@@ -1,0 +1,226 @@
+"""LLMEngine: requests in, a step at a time, outputs out.
+
+`add_request` validates and queues a request (a request that can never run is rejected there, with a clear
+error, and the engine goes on serving the others); `step` schedules one batch, runs the model once, samples,
+and returns the outputs of the requests that advanced; `abort` cancels a request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cupaged import device as devices
+from cupaged.checkpoint import open_checkpoint
+from cupaged.engine.block_manager import BlockManager
+from cupaged.engine.model_runner import ModelRunner
+from cupaged.engine.scheduler import Scheduler
+from cupaged.engine.sequence import Logprob, Sequence, SequenceStatus
+from cupaged.models.llama import expected_weights
+from cupaged.sampler import sample
+from cupaged.sampling_params import SamplingParams
+from cupaged.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None        # "length", "stop", "abort" or None while running
+    stop_reason: int | str | None = None    # the stop token id or stop string that ended it
+    logprobs: list[Logprob] | None = None
+    delta: str = ""                         # text released since the previous output of this request
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_preemptions: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """What the engine looked like after its last step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_slots_used: int = 0           # token slots holding K/V
+    kv_slots_allocated: int = 0      # slots in allocated blocks (used + the unfilled tail of last blocks)
+    num_preemptions: int = 0
+    step_tokens: int = 0
+    step_time: float = 0.0
+    history: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (slots used, allocated) per step
+
+
+class LLMEngine:
+    def __init__(self, model: str, *, dtype: str = "auto", device: str | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0):
+        if block_size not in (8, 16, 32):
+            raise ValueError(f"block_size must be 8, 16 or 32, got {block_size}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        self.device = devices.set_device(device)
+        xp = devices.xp()
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device == "cuda" else "float32"
+        self.dtype = devices.resolve_dtype(dtype)
+        t0 = time.perf_counter()
+        self.config, self.tokenizer, read_tensors = open_checkpoint(model)
+        tensors = read_tensors(expected_weights(self.config), self.dtype.name)
+        model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
+        self.runner = ModelRunner(self.config, tensors, self.dtype, self.device, xp, block_size,
+                                  max_num_batched_tokens, model_len)
+        del tensors
+        num_blocks = num_kv_blocks or self.runner.profile_num_blocks(gpu_memory_utilization, cpu_kv_cache_bytes)
+        self.runner.allocate_cache(num_blocks)
+        if num_blocks * block_size < model_len:
+            logger.warning("the KV cache holds %d tokens, fewer than the model's context; max_model_len is now %d",
+                           num_blocks * block_size, num_blocks * block_size)
+            model_len = num_blocks * block_size
+        self.max_model_len = model_len
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.rng = np.random.default_rng(seed)
+        self.sequences: dict[str, Sequence] = {}
+        self._aborted: list[Sequence] = []  # reported by the next step
+        self.stats = EngineStats(kv_blocks_total=num_blocks)
+        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB)",
+                    model, self.config.architecture, self.config.num_layers, self.dtype.name, self.device,
+                    time.perf_counter() - t0, num_blocks, block_size,
+                    num_blocks * self.runner.bytes_per_block() / 2**30)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Queue a request. Raises ValueError, with the reason, for a request that can never be served."""
+        params = params or SamplingParams()
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if max(ids) >= self.config.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of "
+                             f"{self.max_model_len} tokens")
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        seq = Sequence(request_id, text, ids, params, detok)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its blocks are freed at once. Returns False if it is unknown or already finished."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._aborted.append(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch. Returns an output for every request that produced text or finished in this step."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        advanced: list[Sequence] = self._aborted
+        self._aborted = []
+        if batch.seqs:
+            logits, rows = self.runner.run(batch.seqs, batch.num_new_tokens)
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                seq.num_computed_tokens += n
+            if rows:
+                samplers = [batch.seqs[i] for i in rows]
+                tokens = sample(logits, samplers, self.tokenizer.eos_token_ids, self.rng)
+                for seq, token in zip(samplers, tokens):
+                    self._append_token(seq, token)
+                    advanced.append(seq)
+        self._update_stats(sum(batch.num_new_tokens), time.perf_counter() - t0)
+        outputs = [self._output(seq) for seq in advanced]
+        for seq in advanced:
+            if seq.is_finished:
+                del self.sequences[seq.request_id]
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        """Add a sampled token, detokenize it and decide whether the sequence is done."""
+        p = seq.params
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.output_text += seq.detokenizer.add(token)
+        longest_stop = max((len(s) for s in p.stop), default=0)
+        reason, stop_reason = None, None
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+                reason = "stop"
+            elif p.stop:
+                reason, stop_reason = self._find_stop_string(seq, longest_stop)
+        if reason is None and (seq.num_output_tokens >= (p.max_tokens or self.max_model_len)
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            seq.stop_reason = stop_reason
+            seq.released_chars = len(seq.output_text)
+        else:  # hold back what could be the start of a stop string
+            seq.released_chars = max(seq.released_chars, len(seq.output_text) - max(longest_stop - 1, 0))
+
+    @staticmethod
+    def _find_stop_string(seq: Sequence, longest: int) -> tuple[str | None, str | None]:
+        """If a stop string now appears in the output, cut the text there and return ("stop", the string)."""
+        text = seq.output_text
+        search_from = max(0, seq.released_chars - longest)
+        hits = [(text.find(s, search_from), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return None, None
+        index, stop = min(hits)
+        seq.output_text = text[:index + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+        return "stop", stop
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        delta = seq.output_text[seq.streamed_chars:seq.released_chars]
+        seq.streamed_chars = seq.released_chars
+        completion = CompletionOutput(0, seq.output_text[:seq.released_chars], seq.output_token_ids,
+                                      seq.finish_reason, seq.stop_reason,
+                                      seq.logprobs if seq.params.logprobs is not None else None, delta)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished,
+                             seq.num_preemptions, seq.arrival_time, seq.first_token_time)
+
+    def _update_stats(self, tokens: int, elapsed: float) -> None:
+        s, running = self.stats, self.scheduler.running
+        s.num_running, s.num_waiting = len(running), len(self.scheduler.waiting)
+        s.kv_blocks_used = self.blocks.num_used
+        s.kv_slots_used = sum(seq.num_computed_tokens for seq in running)
+        s.kv_slots_allocated = sum(len(seq.block_table) for seq in running) * self.blocks.block_size
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.step_tokens, s.step_time = tokens, elapsed
+        if running:
+            s.history.append((s.kv_slots_used, s.kv_slots_allocated))

@@ -1,0 +1,86 @@
+"""Runs the model for a scheduled batch: builds the flattened inputs, calls the forward pass, returns logits.
+
+It also owns the KV cache and sizes it from memory: on the GPU, `gpu_memory_utilization` of the card less
+what the weights and the peak activations of the largest batch take (measured by a dummy forward); on the CPU,
+a byte budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from cupaged.config import ModelConfig
+from cupaged.kv_cache import AttentionMetadata, KVCache
+from cupaged.layers import ops_for
+from cupaged.models.llama import LlamaModel
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype, device: str,
+                 xp: ModuleType, block_size: int, max_num_batched_tokens: int, max_model_len: int):
+        self.config, self.dtype, self.device, self.xp = config, dtype, device, xp
+        self.block_size = block_size
+        self.model = LlamaModel(config, tensors, ops_for(device), xp, max_positions=max_model_len)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.cache: KVCache | None = None
+
+    def bytes_per_block(self) -> int:
+        return KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+
+    def profile_num_blocks(self, gpu_memory_utilization: float, cpu_kv_cache_bytes: int) -> int:
+        """How many KV blocks fit in the memory left after weights and peak activations."""
+        if self.device != "cuda":
+            return max(1, cpu_kv_cache_bytes // self.bytes_per_block())
+        import cupy
+
+        tokens = self.max_num_batched_tokens
+        blocks = -(-tokens // self.block_size)
+        self.cache = KVCache(self.config, blocks, self.block_size, self.dtype, cupy)
+        meta = AttentionMetadata.build([tokens], [tokens], [list(range(blocks))], self.block_size, cupy)
+        ids = cupy.asarray(np.random.default_rng(0).integers(0, self.config.vocab_size, tokens), dtype=cupy.int32)
+        self.model.logits(self.model.forward(ids, meta, self.cache)[-1:])
+        cupy.cuda.Device().synchronize()
+        self.cache = None
+        free, total = cupy.cuda.runtime.memGetInfo()
+        # the memory pool still holds the weights and the forward's peak working set, which later steps reuse
+        budget = total * gpu_memory_utilization - (total - free)
+        num_blocks = int(budget // self.bytes_per_block())
+        logger.info("GPU memory: %.1f GiB total, %.1f GiB in use after a %d-token forward; %d KV blocks fit "
+                    "at gpu_memory_utilization=%.2f", total / 2**30, (total - free) / 2**30, tokens, num_blocks,
+                    gpu_memory_utilization)
+        if num_blocks < 1:
+            raise RuntimeError("no GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
+                               "max_num_batched_tokens")
+        return num_blocks
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.xp)
+
+    def run(self, seqs: list[Any], num_new_tokens: list[int]) -> tuple[Any, list[int]]:
+        """Compute num_new_tokens[i] tokens of each sequence (prefills first in `seqs`).
+
+        Returns (logits of the sequences whose last token was computed, which need a new token; their indices).
+        """
+        xp = self.xp
+        input_ids: list[int] = []
+        query_lens, seq_lens, tables, sample_rows, sample_idx = [], [], [], [], []
+        for i, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start:start + n])
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(seq.block_table)
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_idx.append(i)
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, xp)
+        hidden = self.model.forward(xp.asarray(np.array(input_ids, dtype=np.int32)), meta, self.cache)
+        if not sample_rows:
+            return None, []
+        return self.model.logits(hidden[xp.asarray(np.array(sample_rows))]), sample_idx

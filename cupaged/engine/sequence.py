@@ -1,0 +1,81 @@
+"""A request's sequence: its tokens, its KV blocks, its state and why it finished."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cupaged.sampling_params import SamplingParams
+from cupaged.tokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"        # not yet scheduled
+    RUNNING = "running"        # holds KV blocks, computed each step
+    PREEMPTED = "preempted"    # lost its blocks to an older request; waits at the front of the queue to recompute
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    """Log-probability of the chosen token and of the top-n candidates at one step."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 detokenizer: IncrementalDetokenizer | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)      # prompt then outputs
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0                 # tokens whose K/V is in the cache
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.finish_reason: str | None = None        # "length", "stop" or "abort"
+        self.stop_reason: int | str | None = None    # the stop token id or stop string that ended it
+        self.detokenizer = detokenizer
+        self.output_text = ""
+        self.released_chars = 0                      # output_text[:released_chars] can be shown
+        self.streamed_chars = 0                      # ...and this much of it has been returned already
+        self.logprobs: list[Logprob] = []
+        self.num_preemptions = 0
+        self.rng = np.random.default_rng(params.seed) if params.seed is not None else None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")

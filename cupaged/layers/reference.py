@@ -1,0 +1,102 @@
+"""Reference ops: clear array code that runs on NumPy (CPU) or CuPy (GPU) arrays alike.
+
+These define what every op means. Internals are computed in float32 and results returned in the input dtype,
+as the CUDA kernels do. The CUDA kernels in `cuda_ops` are tested against these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cupaged.device import array_module
+from cupaged.kv_cache import AttentionMetadata
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis."""
+    xp = array_module(x)
+    x32 = x.astype(xp.float32)
+    inv = 1.0 / xp.sqrt(xp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * inv * weight.astype(xp.float32)).astype(x.dtype)
+
+
+def add_rms_norm(x: Array, residual: Array, weight: Array, eps: float) -> tuple[Array, Array]:
+    """residual = x + residual, then (rms_norm(residual), residual)."""
+    xp = array_module(x)
+    residual = (x.astype(xp.float32) + residual.astype(xp.float32)).astype(x.dtype)
+    return rms_norm(residual, weight, eps), residual
+
+
+def apply_rotary(q: Array, k: Array, positions: Array, cos_sin: Array) -> tuple[Array, Array]:
+    """Rotary embedding, Hugging Face's rotate_half (NeoX) convention, on q [T, Hq, D] and k [T, Hkv, D].
+
+    cos_sin [max_pos, D] holds cos(pos * f_i) in its first D/2 columns and sin in the last D/2.
+    """
+    xp = array_module(q)
+    half = q.shape[-1] // 2
+    cs = cos_sin[positions]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+
+    def rotate(x: Array) -> Array:
+        x1, x2 = x[..., :half].astype(xp.float32), x[..., half:].astype(xp.float32)
+        return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: Array) -> Array:
+    """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]."""
+    xp = array_module(x)
+    inter = x.shape[-1] // 2
+    gate, up = x[..., :inter].astype(xp.float32), x[..., inter:].astype(xp.float32)
+    return (gate / (1.0 + xp.exp(-gate)) * up).astype(x.dtype)
+
+
+def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array) -> None:
+    """Store k, v [T, Hkv, D] into one layer's caches [num_blocks, Hkv, block_size, D] at their slots (-1: skip)."""
+    block_size = k_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, :, offsets] = k[keep]
+    v_cache[blocks, :, offsets] = v[keep]
+
+
+def gather_kv(cache: Array, block_table: Array, seq_len: int) -> Array:
+    """The first seq_len tokens of one sequence from one layer's cache, as [Hkv, seq_len, D]."""
+    xp = array_module(cache)
+    num_blocks = -(-seq_len // cache.shape[2])
+    tiles = cache[block_table[:num_blocks]]                      # [nb, Hkv, bs, D]
+    tiles = xp.moveaxis(tiles, 1, 0)                             # [Hkv, nb, bs, D]
+    return tiles.reshape(tiles.shape[0], -1, tiles.shape[-1])[:, :seq_len]
+
+
+def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float) -> Array:
+    """Causal grouped-query attention of q [T, Hq, D] over one layer's paged cache; returns [T, Hq, D].
+
+    Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; its j-th new token sits at position
+    seq_len - query_len + j and sees every cached position up to its own.
+    """
+    xp = array_module(q)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    out = xp.empty_like(q)
+    qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
+    for b in range(len(seq_lens)):
+        start, end, seq_len = int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b])
+        qlen = end - start
+        keys = gather_kv(k_cache, meta.block_tables[b], seq_len).astype(xp.float32)    # [Hkv, L, D]
+        values = gather_kv(v_cache, meta.block_tables[b], seq_len).astype(xp.float32)
+        queries = q[start:end].astype(xp.float32).reshape(qlen, num_kv_heads, group, head_dim)
+        queries = queries.transpose(1, 2, 0, 3)                                          # [Hkv, G, n, D]
+        scores = xp.matmul(queries, keys[:, None].swapaxes(-1, -2)) * scale              # [Hkv, G, n, L]
+        query_pos = xp.arange(seq_len - qlen, seq_len)[:, None]
+        scores = xp.where(xp.arange(seq_len)[None, :] <= query_pos, scores, -xp.inf)
+        scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        context = xp.matmul(probs, values[:, None])                                      # [Hkv, G, n, D]
+        out[start:end] = context.transpose(2, 0, 1, 3).reshape(qlen, num_heads, head_dim).astype(q.dtype)
+    return out

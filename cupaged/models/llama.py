@@ -1,0 +1,122 @@
+"""The Llama-family transformer (Llama 2/3, Mistral, Qwen2, Qwen3) in one readable file.
+
+The forward pass takes a flattened batch of tokens from many sequences, prefills and decodes mixed, and the
+AttentionMetadata that says where each token sits (DESIGN.md). Weights are stored transposed ([in, out]) and
+fused (q|k|v, gate|up) at load time so each layer is four GEMMs. `ops` is the op set of the device
+(layers.reference on the CPU, layers.cuda_ops on the GPU); the GEMMs are plain `@` (cuBLAS through CuPy).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from cupaged.config import ModelConfig, rope_cos_sin
+from cupaged.kv_cache import AttentionMetadata, KVCache
+
+Array = Any
+
+
+def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor names and shapes the checkpoint must hold for this config."""
+    c = config
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+                                          "model.norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (c.hidden_size,),
+            p + "post_attention_layernorm.weight": (c.hidden_size,),
+            p + "self_attn.q_proj.weight": (q_out, c.hidden_size),
+            p + "self_attn.k_proj.weight": (kv_out, c.hidden_size),
+            p + "self_attn.v_proj.weight": (kv_out, c.hidden_size),
+            p + "self_attn.o_proj.weight": (c.hidden_size, q_out),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        })
+        if c.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
+                           p + "self_attn.v_proj.bias": (kv_out,)})
+        if c.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,)})
+    return shapes
+
+
+class Layer:
+    """One decoder layer's weights, fused and transposed for `x @ w`."""
+
+    def __init__(self, t: dict[str, np.ndarray], prefix: str, xp: ModuleType):
+        def get(name: str) -> np.ndarray:
+            return t[prefix + name]
+
+        self.input_norm = xp.asarray(get("input_layernorm.weight"))
+        self.post_norm = xp.asarray(get("post_attention_layernorm.weight"))
+        qkv = [get(f"self_attn.{n}_proj.weight") for n in "qkv"]
+        self.w_qkv = xp.asarray(np.ascontiguousarray(np.concatenate(qkv).T))
+        self.b_qkv = xp.asarray(np.concatenate([get(f"self_attn.{n}_proj.bias") for n in "qkv"])) \
+            if prefix + "self_attn.q_proj.bias" in t else None
+        self.w_o = xp.asarray(np.ascontiguousarray(get("self_attn.o_proj.weight").T))
+        gate_up = np.concatenate([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
+        self.w_gate_up = xp.asarray(np.ascontiguousarray(gate_up.T))
+        self.w_down = xp.asarray(np.ascontiguousarray(get("mlp.down_proj.weight").T))
+        self.q_norm = xp.asarray(get("self_attn.q_norm.weight")) if prefix + "self_attn.q_norm.weight" in t else None
+        self.k_norm = xp.asarray(get("self_attn.k_norm.weight")) if prefix + "self_attn.k_norm.weight" in t else None
+
+
+class LlamaModel:
+    """Weights on the device plus the forward pass."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], ops: ModuleType, xp: ModuleType,
+                 max_positions: int | None = None):
+        self.config, self.ops, self.xp = config, ops, xp
+        self.embed = xp.asarray(tensors["model.embed_tokens.weight"])
+        self.final_norm = xp.asarray(tensors["model.norm.weight"])
+        head = tensors["model.embed_tokens.weight"] if config.tie_word_embeddings else tensors["lm_head.weight"]
+        self.lm_head = xp.asarray(np.ascontiguousarray(head.T))
+        self.layers = [Layer(tensors, f"model.layers.{i}.", xp) for i in range(config.num_layers)]
+        self.cos_sin = xp.asarray(rope_cos_sin(config, max_positions or config.max_position_embeddings))
+        self.scale = config.head_dim ** -0.5
+
+    def forward(self, input_ids: Array, meta: AttentionMetadata, cache: KVCache) -> Array:
+        """Hidden states [T, hidden] after the final norm, for tokens `input_ids` [T] described by `meta`.
+
+        Writes each token's K/V into `cache` at `meta.slot_mapping` before attending.
+        """
+        c, ops = self.config, self.ops
+        eps, tokens = c.rms_norm_eps, input_ids.shape[0]
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        hidden = self.embed[input_ids]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if residual is None:
+                x, residual = ops.rms_norm(hidden, layer.input_norm, eps), hidden
+            else:
+                x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
+            qkv = x @ layer.w_qkv
+            if layer.b_qkv is not None:
+                qkv = qkv + layer.b_qkv
+            q = qkv[:, :q_size].reshape(tokens, c.num_heads, c.head_dim)
+            k = qkv[:, q_size:q_size + kv_size].reshape(tokens, c.num_kv_heads, c.head_dim)
+            v = qkv[:, q_size + kv_size:].reshape(tokens, c.num_kv_heads, c.head_dim)
+            if layer.q_norm is not None:  # Qwen3 normalises each head before rotary
+                q = ops.rms_norm(q, layer.q_norm, eps)
+                k = ops.rms_norm(k, layer.k_norm, eps)
+            q, k = ops.apply_rotary(q, k, meta.positions, self.cos_sin)
+            ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
+            attn = ops.paged_attention(q, cache.k[i], cache.v[i], meta, self.scale)
+            hidden = attn.reshape(tokens, q_size) @ layer.w_o
+            x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, eps)
+            hidden = ops.silu_and_mul(x @ layer.w_gate_up) @ layer.w_down
+        if residual is None:
+            return ops.rms_norm(hidden, self.final_norm, eps)
+        return ops.add_rms_norm(hidden, residual, self.final_norm, eps)[0]
+
+    def logits(self, hidden: Array) -> Array:
+        """float32 logits [N, vocab] for hidden states [N, hidden]."""
+        return (hidden @ self.lm_head).astype(self.xp.float32)

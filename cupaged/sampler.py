@@ -1,0 +1,105 @@
+"""From logits to tokens: penalties, temperature, top-k, top-p, min-p, seeded sampling and logprobs.
+
+All arithmetic runs on the logits' own device (NumPy or CuPy); only the chosen token ids (and the few
+logprobs asked for) come back to the host. Each sequence's random draw is one uniform number from its own
+generator (seeded per request, or the engine's), so a seeded request samples the same tokens whatever else
+shares its batch. Sampling is inverse-CDF on the filtered distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cupaged.device import array_module, to_numpy
+from cupaged.engine.sequence import Logprob, Sequence
+
+Array = Any
+
+
+def apply_penalties(logits: Array, seqs: list[Sequence], eos_ids: list[int]) -> Array:
+    """Repetition/presence/frequency penalties and the min_tokens ban on stop tokens, row by row (in place)."""
+    xp = array_module(logits)
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = xp.asarray(np.unique(seq.token_ids))
+            vals = logits[row, seen]
+            logits[row, seen] = xp.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            ids, counts = np.unique(seq.output_token_ids, return_counts=True)
+            penalty = p.presence_penalty + p.frequency_penalty * counts.astype(np.float32)
+            logits[row, xp.asarray(ids)] -= xp.asarray(penalty)
+        if seq.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+            if banned:
+                logits[row, xp.asarray(banned)] = -np.inf
+    return logits
+
+
+def filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p: Array, min_p: Array) -> tuple[Array, Array]:
+    """Probabilities after temperature and the top-k / top-p / min-p filters, sorted descending per row.
+
+    Returns (probs [B, V] renormalised, order [B, V]: the token id at each sorted position).
+    top_k 0 and top_p 1 and min_p 0 disable their filters.
+    """
+    xp = array_module(logits)
+    scaled = logits / temperature[:, None]
+    probs = xp.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    order = xp.argsort(-probs, axis=-1)
+    probs = xp.take_along_axis(probs, order, axis=-1)
+    rank = xp.arange(probs.shape[-1])[None, :]
+    k = xp.where(top_k > 0, top_k, probs.shape[-1])
+    keep = rank < k[:, None]
+    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    mass_before = xp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < top_p[:, None]
+    keep &= probs >= min_p[:, None] * probs[:, :1]
+    probs = xp.where(keep, probs, 0.0)
+    return probs / probs.sum(axis=-1, keepdims=True), order
+
+
+def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.random.Generator) -> list[int]:
+    """Choose the next token of each sequence from its logits row [B, V] (float32). Records logprobs asked for."""
+    xp = array_module(logits)
+    raw = logits
+    logits = apply_penalties(logits.copy(), seqs, eos_ids)
+    greedy = [s.params.greedy for s in seqs]
+    chosen = xp.argmax(logits, axis=-1)
+    if not all(greedy):
+        params = [s.params for s in seqs]
+        f32 = np.float32
+        temperature = xp.asarray(np.array([1.0 if g else p.temperature for g, p in zip(greedy, params)], f32))
+        top_k = xp.asarray(np.array([p.top_k for p in params], np.int64))
+        top_p = xp.asarray(np.array([p.top_p for p in params], f32))
+        min_p = xp.asarray(np.array([p.min_p for p in params], f32))
+        uniform = xp.asarray(np.array([(s.rng or rng).random() for s in seqs], f32))
+        probs, order = filtered_probs(logits, temperature, top_k, top_p, min_p)
+        cdf = xp.cumsum(probs, axis=-1)
+        pos = xp.minimum((cdf < uniform[:, None] * cdf[:, -1:]).sum(axis=-1), probs.shape[-1] - 1)
+        sampled = xp.take_along_axis(order, pos[:, None], axis=-1)[:, 0]
+        chosen = xp.where(xp.asarray(np.array(greedy)), chosen, sampled)
+    tokens = [int(t) for t in to_numpy(chosen)]
+    _record_logprobs(raw, seqs, tokens)
+    return tokens
+
+
+def _record_logprobs(raw: Array, seqs: list[Sequence], tokens: list[int]) -> None:
+    """Log-probabilities under the model's raw distribution (before penalties and filters), as vLLM reports."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return
+    xp = array_module(raw)
+    sub = raw[xp.asarray(np.array(rows))]
+    logp = sub - sub.max(axis=-1, keepdims=True)
+    logp = logp - xp.log(xp.exp(logp).sum(axis=-1, keepdims=True))
+    width = max(seqs[i].params.logprobs for i in rows)
+    top = to_numpy(xp.argsort(-logp, axis=-1)[:, :width]) if width else np.zeros((len(rows), 0), np.int64)
+    logp_host_top = to_numpy(xp.take_along_axis(logp, xp.asarray(top), axis=-1)) if width else top
+    chosen_lp = to_numpy(logp[xp.arange(len(rows)), xp.asarray(np.array([tokens[i] for i in rows]))])
+    for j, i in enumerate(rows):
+        n = seqs[i].params.logprobs
+        seqs[i].logprobs.append(Logprob(tokens[i], float(chosen_lp[j]),
+                                        {int(t): float(v) for t, v in zip(top[j, :n], logp_host_top[j, :n])}))

@@ -1,0 +1,138 @@
+"""Tokenizer: tokenizer.json through `tokenizers`, special tokens and the chat template from the checkpoint.
+
+`IncrementalDetokenizer` turns a growing list of token ids into text deltas for streaming. A character can be
+split across tokens (byte-level BPE splits multi-byte UTF-8 sequences), so text is only released once the
+bytes decoded so far form whole characters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+from tokenizers import Tokenizer as HFTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer or chat template is missing or malformed."""
+
+
+def _token_text(value: Any) -> str | None:
+    """Special tokens in tokenizer_config.json are strings or {"content": ...} objects."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token_ids: Iterable[int] = (), eos_token: str | None = None):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.eos_token_ids = sorted(set(eos_token_ids))
+
+    @classmethod
+    def from_dir(cls, path: Path, config_eos_ids: Iterable[int] = ()) -> "Tokenizer":
+        """Load tokenizer.json, tokenizer_config.json and generation_config.json from a checkpoint directory."""
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise TokenizerError(f"{path}: no tokenizer.json (cupaged reads fast-tokenizer files only)")
+        try:
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as exc:
+            raise TokenizerError(f"{file}: cannot be loaded: {exc}") from None
+        cfg = _read_json(path / "tokenizer_config.json")
+        gen = _read_json(path / "generation_config.json")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # a list of named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        eos_token = _token_text(cfg.get("eos_token"))
+        eos_ids = set(config_eos_ids)
+        gen_eos = gen.get("eos_token_id")
+        eos_ids.update(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
+        if eos_token is not None and tok.token_to_id(eos_token) is not None:
+            eos_ids.add(tok.token_to_id(eos_token))
+        return cls(tok, template, _token_text(cfg.get("bos_token")), eos_ids, eos_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render the checkpoint's chat template (jinja2, sandboxed, as transformers renders it)."""
+        if not self.chat_template:
+            raise TokenizerError("this checkpoint has no chat template; pass plain prompts instead of --chat")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TokenizerError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "")
+        except TemplateError as exc:
+            raise TokenizerError(f"chat template failed: {exc}") from None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation ready for the assistant's reply (the template adds BOS itself)."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path}: not valid JSON: {exc}") from None
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing token list, never splitting a multi-byte character.
+
+    Decoding each token alone loses the spaces and merged bytes that depend on neighbours, and decoding the
+    whole list every step is quadratic. As vLLM does, we decode a short window: `prefix_offset:read_offset`
+    is text already released, `prefix_offset:` the same window plus the new tokens; the difference is the delta.
+    A trailing U+FFFD means the last token ended inside a UTF-8 sequence: we wait for the next token.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids or [])
+        # start the window a few tokens back into the prompt so the first output token decodes in context
+        self.read_offset = len(self.ids)
+        self.prefix_offset = max(0, self.read_offset - 5)
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly complete text (possibly empty)."""
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        delta = new_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta

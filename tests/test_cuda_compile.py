@@ -1,0 +1,20 @@
+"""Every CUDA source compiles for sm_90 with nvcc, where nvcc exists (no GPU needed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
+SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
+def test_compiles_for_sm90(source: Path, tmp_path: Path) -> None:
+    result = subprocess.run(["nvcc", "-arch=sm_90", "--std=c++17", "-ptx", str(source), "-o", str(tmp_path / "o.ptx")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
