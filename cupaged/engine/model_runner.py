@@ -62,15 +62,23 @@ class ModelRunner:
     def allocate_cache(self, num_blocks: int) -> None:
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.xp)
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks (every layer, K and V): copy-on-write before a shared block is written."""
+        if copies:
+            src, dst = (self.xp.asarray(np.array(c, dtype=np.int32)) for c in zip(*copies))
+            self.model.ops.copy_blocks(self.cache.k, self.cache.v, src, dst)
+
     def run(self, seqs: list[Any], num_new_tokens: list[int]) -> tuple[Any, list[int]]:
-        """Compute num_new_tokens[i] tokens of each sequence (prefills first in `seqs`).
+        """Compute num_new_tokens[i] tokens of each sequence.
 
         Returns (logits of the sequences whose last token was computed, which need a new token; their indices).
         """
         xp = self.xp
         input_ids: list[int] = []
         query_lens, seq_lens, tables, sample_rows, sample_idx = [], [], [], [], []
-        for i, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
+        prefills_first = sorted(range(len(seqs)), key=lambda i: num_new_tokens[i] == 1)  # the layout attention wants
+        for i in prefills_first:
+            seq, n = seqs[i], num_new_tokens[i]
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start:start + n])
             query_lens.append(n)

@@ -1,12 +1,15 @@
 """Iteration-level (continuous) batching, as in vLLM.
 
-Every step the scheduler decides which sequences run and how many new tokens each computes:
-1. Running sequences first, oldest first: one token for a decode, the rest of the prompt (up to the token
-   budget) for a prefill. When a sequence needs a block and none is free, the most recently admitted running
-   sequence is preempted: its blocks are freed and it goes back to the front of the queue to be recomputed
-   later, so the oldest requests keep making progress.
-2. Then waiting sequences, front first, while the sequence budget (max_num_seqs), the token budget
-   (max_num_batched_tokens) and free blocks allow; none are admitted in a step that had to preempt.
+The unit of scheduling is a request's SequenceGroup (one sequence, or its n samples, or its beams): its
+sequences run, are preempted and come back together. Every step the scheduler decides which sequences run
+and how many new tokens each computes:
+1. Running groups first, oldest first: one token per decoding sequence, the rest of a prompt (up to the token
+   budget) for a prefill. When blocks run out, the most recently admitted running group is preempted: its
+   blocks are freed and it goes back to the front of the queue to be recomputed later (the prefix cache often
+   still holds its blocks), so the oldest requests keep making progress.
+2. Then waiting groups, front first, while the sequence budget (max_num_seqs), the token budget
+   (max_num_batched_tokens) and free blocks allow; none are admitted in a step that had to preempt. A
+   newly admitted sequence first takes the longest prefix of its tokens found in the prefix cache.
 A prompt longer than the token budget is computed in chunks over several steps (chunked prefill).
 """
 
@@ -16,17 +19,20 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cupaged.engine.block_manager import BlockManager
-from cupaged.engine.sequence import Sequence, SequenceStatus
+from cupaged.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the forward
 
-    def __len__(self) -> int:
-        return len(self.seqs)
+    def add(self, seq: Sequence, n: int, copies: list[tuple[int, int]]) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+        self.block_copies += copies
 
 
 class Scheduler:
@@ -34,66 +40,114 @@ class Scheduler:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # tokens that admitted sequences found in the prefix cache
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def num_running_seqs(self) -> int:
+        return sum(len(g.live()) for g in self.running)
+
+    @staticmethod
+    def _plan(group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
+        """How many tokens each live sequence of the group computes, within the token budget."""
+        plan = []
+        for seq in group.live():
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n > 0:
+                plan.append((seq, n))
+                budget -= n
+        return plan
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while self.blocks.blocks_missing(seq, seq.num_computed_tokens + n) > self.blocks.num_free:
+            group = self.running[i]
+            plan = self._plan(group, budget)
+            need = sum(self.blocks.blocks_missing(s, s.num_computed_tokens + n) for s, n in plan)
+            while need > self.blocks.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
                 batch.preempted.append(victim)
-                if victim is seq:
+                if victim is group:
                     break
-            if seq.status != SequenceStatus.RUNNING:
-                break  # seq preempted itself: nothing younger is left to run
-            self.blocks.allocate(seq, seq.num_computed_tokens + n)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            budget -= n
+            if group.status != SequenceStatus.RUNNING:
+                break  # the group preempted itself: nothing younger is left to run
+            for seq, n in plan:
+                batch.add(seq, n, self.blocks.allocate(seq, seq.num_computed_tokens + n))
+                budget -= n
             i += 1
-        while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self.blocks.blocks_missing(seq, seq.num_computed_tokens + n) > self.blocks.num_free:
+        while self.waiting and not batch.preempted and budget > 0:
+            group = self.waiting[0]
+            if self.num_running_seqs() + len(group.live()) > self.max_num_seqs and self.running:
+                break
+            admitted = self._admit(group, budget)
+            if admitted is None:
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, seq.num_computed_tokens + n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            budget -= n
+            group.status = SequenceStatus.RUNNING
+            for seq in group.live():
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            for seq, n, copies in admitted:
+                batch.add(seq, n, copies)
+                budget -= n
         return batch
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Free seq's blocks and requeue it at the front; it recomputes prompt and outputs when readmitted."""
-        self.running.remove(seq)
-        self.blocks.free(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.PREEMPTED
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+    def _admit(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int, list]] | None:
+        """Give a waiting group its cached prefixes and the blocks for its first tokens, or undo and return None."""
+        taken: list[Sequence] = []
+        admitted, hits = [], 0
+        for seq in group.live():
+            self.blocks.take_cached_prefix(seq, self.blocks.cached_prefix(seq))
+            taken.append(seq)
+            hits += seq.num_computed_tokens
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            if self.blocks.blocks_missing(seq, seq.num_computed_tokens + n) > self.blocks.num_free:
+                for s in taken:
+                    self.blocks.free(s)
+                    s.num_computed_tokens = 0
+                return None
+            admitted.append((seq, n, self.blocks.allocate(seq, seq.num_computed_tokens + n)))
+            budget -= n
+        self.num_cached_tokens += hits
+        return admitted
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark seq finished and release its blocks (it may be running or still waiting)."""
-        if seq.status == SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+    def _preempt(self, group: SequenceGroup) -> None:
+        """Free the group's blocks and requeue it at the front; it recomputes its tokens when readmitted."""
+        self.running.remove(group)
+        for seq in group.live():
+            self.blocks.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.PREEMPTED
+            seq.num_preemptions += 1
+        group.status = SequenceStatus.PREEMPTED
+        group.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(group)
+
+    def finish_seq(self, seq: Sequence, reason: str) -> None:
+        """One sequence of a group is done: release its blocks."""
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    def finish(self, group: SequenceGroup, reason: str | None = None) -> None:
+        """The whole group is done (or aborted): release every block it holds."""
+        if group.status == SequenceStatus.RUNNING:
+            self.running.remove(group)
+        elif group in self.waiting:
+            self.waiting.remove(group)
+        for seq in group.live():
+            self.finish_seq(seq, reason or "abort")
+        group.status = SequenceStatus.FINISHED

@@ -43,6 +43,7 @@ class Sequence:
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []            # prefix-cache hashes of the full blocks, in order
         self.num_computed_tokens = 0                 # tokens whose K/V is in the cache
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
@@ -53,6 +54,9 @@ class Sequence:
         self.released_chars = 0                      # output_text[:released_chars] can be shown
         self.streamed_chars = 0                      # ...and this much of it has been returned already
         self.logprobs: list[Logprob] = []
+        self.cumulative_logprob = 0.0                # sum of the chosen tokens' log-probabilities (best_of, beams)
+        self.pending_logprobs = None                 # beam search: this beam's next-token log-probs, until all beams have theirs
+        self.index = 0                               # which of the request's n / best_of / beam sequences
         self.num_preemptions = 0
         self.rng = np.random.default_rng(params.seed) if params.seed is not None else None
 
@@ -76,6 +80,50 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
+    def fork(self, index: int) -> "Sequence":
+        """A copy that continues independently (its blocks are shared through BlockManager.fork)."""
+        child = Sequence(self.request_id, self.prompt, self.prompt_token_ids, self.params)
+        child.token_ids = list(self.token_ids)
+        child.num_computed_tokens = self.num_computed_tokens
+        child.status = self.status
+        child.first_token_time = self.first_token_time
+        child.logprobs = list(self.logprobs)
+        child.cumulative_logprob = self.cumulative_logprob
+        child.index = index
+        if self.detokenizer is not None:
+            child.detokenizer = self.detokenizer.copy()
+            child.output_text = self.output_text
+        if self.params.seed is not None:  # each of the n samples draws its own stream, reproducibly
+            child.rng = np.random.default_rng([self.params.seed, index])
+        return child
+
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
+
+
+class SequenceGroup:
+    """One request: its sequences (one, or n / best_of samples, or beams), scheduled and preempted together."""
+
+    def __init__(self, request_id: str, seqs: list[Sequence]):
+        self.request_id = request_id
+        self.seqs = seqs
+        self.prompt = seqs[0].prompt
+        self.prompt_token_ids = seqs[0].prompt_token_ids
+        self.params = seqs[0].params
+        self.arrival_time = seqs[0].arrival_time
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.beam_finished: list[tuple[float, Sequence]] = []  # beam search: (length-penalised score, beam)
+        self.num_preemptions = 0
+        self.streamed_chars: dict[int, int] = {}
+
+    def live(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return f"SequenceGroup({self.request_id!r}, {self.status.value}, {self.seqs})"

@@ -64,6 +64,12 @@ def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: A
     v_cache[blocks, :, offsets] = v[keep]
 
 
+def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array) -> None:
+    """Copy blocks src[i] -> dst[i] in every layer of the caches [layers, blocks, Hkv, block_size, D]."""
+    k_cache[:, dst] = k_cache[:, src]
+    v_cache[:, dst] = v_cache[:, src]
+
+
 def gather_kv(cache: Array, block_table: Array, seq_len: int) -> Array:
     """The first seq_len tokens of one sequence from one layer's cache, as [Hkv, seq_len, D]."""
     xp = array_module(cache)

@@ -1,0 +1,81 @@
+"""The model and the engine on the GPU, against transformers computed live on the same GPU.
+
+Needs a CUDA device (marker `gpu`); the transformers comparisons also need torch and transformers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import TINY_PRESETS, load_model, relative_error, teacher_forced_logits
+
+from cupaged import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+def norm_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(actual.astype(np.float64) - expected) / np.linalg.norm(expected))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_logits_match_transformers_on_gpu(preset: str, dtype: str, checkpoints) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import cupy
+
+    from cupaged import device
+    from cupaged.layers import cuda_ops
+    from tools.make_reference_logits import reference_logits
+
+    device.set_device("cuda")
+    path = checkpoints(preset)
+    rng = np.random.default_rng(11)
+    sequences = [rng.integers(0, 1000, n) for n in (5, 19, 40, 77)]
+    expected = reference_logits(path, [s.tolist() for s in sequences], dtype=dtype, device="cuda")
+    model = load_model(path, dtype, cuda_ops, cupy)
+    actual = teacher_forced_logits(model, sequences, [max(1, len(s) // 2) for s in sequences])
+    for a, e in zip(actual, expected):
+        assert np.isfinite(a).all()
+        if dtype == "float32":
+            assert relative_error(a, e) < 1e-4
+        else:
+            assert norm_relative_error(a, e) < 1e-2
+
+
+def test_gpu_engine_greedy_equals_cpu_engine(checkpoints) -> None:
+    path = str(checkpoints("llama-tiny"))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 1000, int(rng.integers(2, 90))).tolist() for _ in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    cpu = LLM(path, device="cpu", num_kv_blocks=128).generate(prompts, params, use_tqdm=False)
+    gpu = LLM(path, device="cuda", dtype="float32", num_kv_blocks=128).generate(prompts, params, use_tqdm=False)
+    for c, g in zip(cpu, gpu):
+        assert c.outputs[0].token_ids == g.outputs[0].token_ids
+
+
+def test_gpu_engine_bf16_greedy_matches_transformers(checkpoints) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tools.make_reference_logits import reference_greedy
+
+    path = checkpoints("qwen3-tiny")
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 1000, int(rng.integers(4, 60))).tolist() for _ in range(4)]
+    expected = reference_greedy(path, prompts, max_new_tokens=32, dtype="bfloat16", device="cuda")
+    outs = LLM(str(path), device="cuda", dtype="bfloat16").generate(
+        prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    for out, ref in zip(outs, expected):
+        assert out.outputs[0].token_ids == ref
+
+
+def test_cli_run_on_cuda(checkpoints) -> None:
+    from click.testing import CliRunner
+
+    from cupaged.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--model", str(checkpoints("qwen3-tiny")), "--device", "cuda",
+                                       "--prompt", "hello", "--max-tokens", "16", "--ignore-eos"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output
