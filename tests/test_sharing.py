@@ -78,7 +78,8 @@ def test_best_of_returns_the_most_likely(path) -> None:
     assert len(out.outputs) == 2
     assert out.outputs[0].cumulative_logprob >= out.outputs[1].cumulative_logprob
     every = run(LLMEngine(path, device="cpu", num_kv_blocks=64),
-                [([5, 6, 7], SamplingParams(n=5, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True))])[0]
+                [([5, 6, 7], SamplingParams(n=5, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True,
+                                                  logprobs=0))])[0]
     best = sorted(c.cumulative_logprob for c in every.outputs)[-2:][::-1]
     assert [c.cumulative_logprob for c in out.outputs] == pytest.approx(best, rel=1e-5)
 
