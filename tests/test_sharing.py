@@ -84,7 +84,7 @@ def test_best_of_returns_the_most_likely(path) -> None:
     assert [c.cumulative_logprob for c in out.outputs] == pytest.approx(best, rel=1e-5)
 
 
-@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("width", [2, 3, 4])
 def test_beam_search_equals_transformers_fixture(checkpoints, width: int) -> None:
     """Reference beams from transformers' generate(num_beams=...), made by tools/make_beam_fixtures.py."""
     fixture = np.load(FIXTURES / "beam_search" / f"qwen3-tiny-w{width}.npz")
@@ -93,7 +93,8 @@ def test_beam_search_equals_transformers_fixture(checkpoints, width: int) -> Non
     n = len([k for k in fixture.files if k.startswith("prompt_")])
     params = SamplingParams(beam_width=width, max_tokens=int(fixture["max_new_tokens"]),
                             length_penalty=float(fixture["length_penalty"]),
-                            early_stopping=bool(fixture["early_stopping"]))
+                            early_stopping=bool(fixture["early_stopping"]),
+                            stop_token_ids=fixture["stop_token_ids"].tolist())
     outs = run(engine, [(fixture[f"prompt_{i}"].tolist(), params) for i in range(n)])
     for i, out in enumerate(outs):
         assert out.outputs[0].token_ids == fixture[f"output_{i}"].tolist(), f"prompt {i}"

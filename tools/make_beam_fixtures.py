@@ -2,8 +2,9 @@
 
     python -m tools.make_beam_fixtures      # needs torch and transformers
 
-Writes tests/fixtures/beam_search/qwen3-tiny-w{2,4}.npz: 10 prompts, transformers' best beam for each
-(`generate(num_beams=w, do_sample=False)`, one prompt at a time), and the settings used.
+Writes tests/fixtures/beam_search/qwen3-tiny-w{2,3,4}.npz: 10 prompts, transformers' best beam for each
+(`generate(num_beams=w, do_sample=False)`, one prompt at a time), and the settings used. The width-3 case also
+stops on a token the model often produces (`stop_token_ids`), so finished hypotheses compete with open beams.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from tools.make_checkpoint import make_checkpoint, weights_digest
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "beam_search"
-SETTINGS = {2: dict(length_penalty=1.0, early_stopping=False), 4: dict(length_penalty=0.7, early_stopping=True)}
+SETTINGS = {2: dict(length_penalty=1.0, early_stopping=False), 3: dict(length_penalty=0.0, early_stopping=False),
+            4: dict(length_penalty=0.7, early_stopping=True)}
 MAX_NEW_TOKENS = 12
 
 
@@ -32,12 +34,19 @@ def main() -> None:
     eos = GenerationConfig.from_pretrained(path).eos_token_id
     rng = np.random.default_rng(99)
     prompts = [rng.integers(0, 1000, int(rng.integers(3, 40))) for _ in range(10)]
+    with torch.no_grad():  # the token greedy decoding produces most often, to act as an extra stop token
+        greedy = [model.generate(torch.tensor(p)[None], do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                                 pad_token_id=0)[0, len(p):] for p in prompts]
+    common = int(np.bincount(torch.cat(greedy).numpy()).argmax())
+    eos = eos if isinstance(eos, list) else [eos]
     for width, settings in SETTINGS.items():
-        record = {"weights_digest": weights_digest(path), "max_new_tokens": MAX_NEW_TOKENS, **settings}
+        stop = [common] if width == 3 else []
+        record = {"weights_digest": weights_digest(path), "max_new_tokens": MAX_NEW_TOKENS,
+                  "stop_token_ids": np.array(stop, np.int64), **settings}
         for i, prompt in enumerate(prompts):
             with torch.no_grad():
                 out = model.generate(torch.tensor(prompt)[None], num_beams=width, do_sample=False,
-                                     max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos, pad_token_id=0,
+                                     max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos + stop, pad_token_id=0,
                                      **settings)
             record[f"prompt_{i}"] = prompt.astype(np.int64)
             record[f"output_{i}"] = out[0, len(prompt):].numpy().astype(np.int64)

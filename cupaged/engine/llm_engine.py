@@ -211,7 +211,7 @@ class LLMEngine:
 
     def _beam_step(self, group: SequenceGroup) -> None:
         """Advance a beam-search group by one token: fork, keep or drop beams (see beam_search.py)."""
-        eos = [] if group.params.ignore_eos else self.tokenizer.eos_token_ids
+        eos = group.params.stop_token_ids + ([] if group.params.ignore_eos else self.tokenizer.eos_token_ids)
         live = group.live()
         at_max_length = (live[0].num_output_tokens + 1 >= (group.params.max_tokens or self.max_model_len)
                          or live[0].num_tokens + 1 >= self.max_model_len)
@@ -298,7 +298,8 @@ class LLMEngine:
     def _beam_output(self, group: SequenceGroup, index: int, score: float, beam: Sequence) -> CompletionOutput:
         ids = beam.output_token_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=group.params.skip_special_tokens)
-        ended = bool(ids) and ids[-1] in self.tokenizer.eos_token_ids and not group.params.ignore_eos
+        ended = bool(ids) and (ids[-1] in group.params.stop_token_ids or
+                               ids[-1] in self.tokenizer.eos_token_ids and not group.params.ignore_eos)
         return CompletionOutput(index, text, ids, beam.cumulative_logprob, "stop" if ended else "length",
                                 delta=text)
 
