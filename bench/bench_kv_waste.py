@@ -2,8 +2,8 @@
 
 Waste = token slots allocated in blocks but not (yet) holding K/V, over slots allocated, averaged over the
 engine's steps: the paged cache only loses the unfilled tail of each sequence's last block. The PagedAttention
-paper reports under 4%; systems that reserve the maximum length per request lose 60-80%. We also report what a
-max-length reservation would have wasted on the same steps, for comparison.
+paper reports under 4%; systems that reserve the maximum length per request lose 60-80%. We also report what
+reserving max_model_len slots per running request would have wasted on the same steps, for comparison.
 
     python -m bench.bench_kv_waste --scale 4 --num-requests 64 --json kv_waste.json
 """
@@ -33,25 +33,24 @@ def main(model: str | None, num_requests: int, scale: int, block_size: int, devi
         from tools.make_checkpoint import make_checkpoint
 
         model = str(make_checkpoint(tempfile.mkdtemp(), "qwen3-tiny", max_position_embeddings=4096))
-    workload = nano_vllm_workload(num_requests, scale)
-    max_len = max(len(p) + n for p, n in workload)
-    engine = LLMEngine(model, device=device, block_size=block_size, max_model_len=max_len)
+    engine = LLMEngine(model, device=device, block_size=block_size, max_model_len=2 * (1024 // scale))
+    workload = nano_vllm_workload(num_requests, scale, vocab=engine.config.vocab_size)
     for i, (prompt, n) in enumerate(workload):
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=n, ignore_eos=True))
-    reserved_waste = []
+    reserved_waste: list[float] = []
     with click.progressbar(length=num_requests, label="requests", file=sys.stderr) as bar:
         while engine.has_unfinished_requests():
             finished = sum(o.finished for o in engine.step())
             bar.update(finished)
             running = engine.scheduler.running
-            if running:  # a max-length reservation holds prompt + max_tokens slots for each running request
-                reserved = sum(s.num_prompt_tokens + s.params.max_tokens for s in running)
-                reserved_waste.append(1 - engine.stats.kv_slots_used / reserved)
+            if running:  # a max-length reservation holds max_model_len slots for each running request
+                reserved_waste.append(1 - engine.stats.kv_slots_used / (len(running) * engine.max_model_len))
     history = engine.stats.history
     waste = [1 - used / alloc for used, alloc in history]
     result = {
         "requests": num_requests, "scale": scale, "block_size": block_size, "steps": len(history),
         "mean_waste": sum(waste) / len(waste), "max_waste": max(waste),
+        "max_model_len": engine.max_model_len,
         "mean_waste_if_reserved_for_max_length": sum(reserved_waste) / len(reserved_waste),
         "preemptions": engine.stats.num_preemptions,
     }

@@ -28,6 +28,7 @@ class ModelRunner:
         self.block_size = block_size
         self.model = LlamaModel(config, tensors, ops_for(device), xp, max_positions=max_model_len)
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.cache: KVCache | None = None
 
     def bytes_per_block(self) -> int:
@@ -40,9 +41,14 @@ class ModelRunner:
         import cupy
 
         tokens = self.max_num_batched_tokens
-        blocks = -(-tokens // self.block_size)
-        self.cache = KVCache(self.config, blocks, self.block_size, self.dtype, cupy)
-        meta = AttentionMetadata.build([tokens], [tokens], [list(range(blocks))], self.block_size, cupy)
+        # the largest step: max_num_batched_tokens tokens in prompts no longer than the context
+        lens = [min(self.max_model_len, tokens - start) for start in range(0, tokens, self.max_model_len)]
+        tables, first = [], 0
+        for n in lens:
+            tables.append(list(range(first, first + -(-n // self.block_size))))
+            first += len(tables[-1])
+        self.cache = KVCache(self.config, first, self.block_size, self.dtype, cupy)
+        meta = AttentionMetadata.build(lens, lens, tables, self.block_size, cupy)
         ids = cupy.asarray(np.random.default_rng(0).integers(0, self.config.vocab_size, tokens), dtype=cupy.int32)
         self.model.logits(self.model.forward(ids, meta, self.cache)[-1:])
         cupy.cuda.Device().synchronize()

@@ -79,6 +79,25 @@ def gather_kv(cache: Array, block_table: Array, seq_len: int) -> Array:
     return tiles.reshape(tiles.shape[0], -1, tiles.shape[-1])[:, :seq_len]
 
 
+def attend(queries: Array, keys: Array, values: Array, first_position: int, scale: float) -> Array:
+    """Causal attention of n queries at positions first_position.. over keys/values [Hkv, L, D] (float32).
+
+    queries [n, Hq, D]; query j sees keys 0..first_position + j. Returns [n, Hq, D] in float32.
+    """
+    xp = array_module(queries)
+    n, num_heads, head_dim = queries.shape
+    num_kv_heads, seq_len = keys.shape[0], keys.shape[1]
+    q = queries.astype(xp.float32).reshape(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    q = q.transpose(1, 2, 0, 3)                                                         # [Hkv, G, n, D]
+    scores = xp.matmul(q, keys[:, None].swapaxes(-1, -2)) * scale                        # [Hkv, G, n, L]
+    query_pos = xp.arange(first_position, first_position + n)[:, None]
+    scores = xp.where(xp.arange(seq_len)[None, :] <= query_pos, scores, -xp.inf)
+    scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    context = xp.matmul(probs, values[:, None])                                          # [Hkv, G, n, D]
+    return context.transpose(2, 0, 1, 3).reshape(n, num_heads, head_dim)
+
+
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float) -> Array:
     """Causal grouped-query attention of q [T, Hq, D] over one layer's paged cache; returns [T, Hq, D].
 
@@ -86,23 +105,11 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMet
     seq_len - query_len + j and sees every cached position up to its own.
     """
     xp = array_module(q)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[1]
-    group = num_heads // num_kv_heads
     out = xp.empty_like(q)
     qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
     for b in range(len(seq_lens)):
         start, end, seq_len = int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b])
-        qlen = end - start
-        keys = gather_kv(k_cache, meta.block_tables[b], seq_len).astype(xp.float32)    # [Hkv, L, D]
+        keys = gather_kv(k_cache, meta.block_tables[b], seq_len).astype(xp.float32)      # [Hkv, L, D]
         values = gather_kv(v_cache, meta.block_tables[b], seq_len).astype(xp.float32)
-        queries = q[start:end].astype(xp.float32).reshape(qlen, num_kv_heads, group, head_dim)
-        queries = queries.transpose(1, 2, 0, 3)                                          # [Hkv, G, n, D]
-        scores = xp.matmul(queries, keys[:, None].swapaxes(-1, -2)) * scale              # [Hkv, G, n, L]
-        query_pos = xp.arange(seq_len - qlen, seq_len)[:, None]
-        scores = xp.where(xp.arange(seq_len)[None, :] <= query_pos, scores, -xp.inf)
-        scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-        probs = scores / scores.sum(axis=-1, keepdims=True)
-        context = xp.matmul(probs, values[:, None])                                      # [Hkv, G, n, D]
-        out[start:end] = context.transpose(2, 0, 1, 3).reshape(qlen, num_heads, head_dim).astype(q.dtype)
+        out[start:end] = attend(q[start:end], keys, values, seq_len - (end - start), scale).astype(q.dtype)
     return out

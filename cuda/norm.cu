@@ -1,0 +1,63 @@
+// RMSNorm, plain and fused with the residual add. One warp per row; statistics in fp32.
+#include "common.cuh"
+using namespace cupaged;
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w; rows of `cols` elements, x rows `x_stride` elements apart.
+template <typename T>
+__global__ void rms_norm(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
+                         int rows, int cols, long long x_stride, float eps) {
+    constexpr int N = Vec<T>::N;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* xr = x + row * x_stride;
+    float ss = 0.f, v[N];
+    for (int c = lane * N; c < cols; c += 32 * N) {
+        load_vec(xr + c, v);
+#pragma unroll
+        for (int i = 0; i < N; ++i) ss += v[i] * v[i];
+    }
+    const float inv = rsqrtf(warp_sum(ss) / cols + eps);
+    float wv[N];
+    for (int c = lane * N; c < cols; c += 32 * N) {
+        load_vec(xr + c, v);
+        load_vec(w + c, wv);
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] = v[i] * inv * wv[i];
+        store_vec(out + (long long)row * cols + c, v);
+    }
+}
+
+// residual[r] = x[r] + residual[r] (rounded to T, in place); out[r] = rms_norm(residual[r]) * w.
+template <typename T>
+__global__ void add_rms_norm(T* __restrict__ out, const T* __restrict__ x, T* __restrict__ residual,
+                             const T* __restrict__ w, int rows, int cols, float eps) {
+    constexpr int N = Vec<T>::N;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const long long base = (long long)row * cols;
+    float ss = 0.f, a[N], b[N];
+    for (int c = lane * N; c < cols; c += 32 * N) {
+        load_vec(x + base + c, a);
+        load_vec(residual + base + c, b);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            b[i] = to_float(from_float<T>(a[i] + b[i]));  // the residual stream is kept in T
+            ss += b[i] * b[i];
+        }
+        store_vec(residual + base + c, b);
+    }
+    const float inv = rsqrtf(warp_sum(ss) / cols + eps);
+    for (int c = lane * N; c < cols; c += 32 * N) {
+        load_vec(residual + base + c, b);  // each lane re-reads what it wrote itself
+        load_vec(w + c, a);
+#pragma unroll
+        for (int i = 0; i < N; ++i) b[i] = b[i] * inv * a[i];
+        store_vec(out + base + c, b);
+    }
+}
+
+#ifdef CUPAGED_NVCC_CHECK
+template __global__ void rms_norm<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, int, int, long long, float);
+template __global__ void add_rms_norm<__half>(__half*, const __half*, __half*, const __half*, int, int, float);
+template __global__ void add_rms_norm<float>(float*, const float*, float*, const float*, int, int, float);
+#endif
