@@ -73,7 +73,7 @@ paged_decode_attention(T* __restrict__ out, float* __restrict__ part_out, float*
 
     // pass 2: softmax statistics; scores become exp(score - max)
     for (int g = warp; g < HEADS; g += WARPS) {
-        float m = -INFINITY;
+        float m = __int_as_float(0xff800000)  /* -inf; NVRTC has no math.h */;
         for (int i = lane; i < n; i += 32) m = fmaxf(m, smem[g * partition + i]);
         m = warp_max(m);
         float s = 0.f;
@@ -160,7 +160,7 @@ __global__ void paged_decode_reduce(T* __restrict__ out, const float* __restrict
     const long long row = (long long)b * num_heads + h;
     const int splits = (seq_lens[b] + partition - 1) / partition;  // partitions that hold tokens
     if (threadIdx.x == 0) {
-        float m = -INFINITY;
+        float m = __int_as_float(0xff800000)  /* -inf; NVRTC has no math.h */;
         for (int s = 0; s < splits; ++s) m = fmaxf(m, part_max[row * buffer_splits + s]);
         float total = 0.f;
         for (int s = 0; s < splits; ++s) {

@@ -14,6 +14,19 @@ from cupaged import LLM, SamplingParams
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def release_gpu_memory():
+    """Engines and torch share the card in this process: give back what each test cached."""
+    yield
+    import sys
+
+    import cupy
+
+    cupy.get_default_memory_pool().free_all_blocks()
+    if "torch" in sys.modules:
+        sys.modules["torch"].cuda.empty_cache()
+
+
 def norm_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual.astype(np.float64) - expected) / np.linalg.norm(expected))
 
@@ -64,7 +77,7 @@ def test_gpu_engine_bf16_greedy_matches_transformers(checkpoints) -> None:
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 1000, int(rng.integers(4, 60))).tolist() for _ in range(4)]
     expected = reference_greedy(path, prompts, max_new_tokens=32, dtype="bfloat16", device="cuda")
-    outs = LLM(str(path), device="cuda", dtype="bfloat16").generate(
+    outs = LLM(str(path), device="cuda", dtype="bfloat16", num_kv_blocks=256).generate(
         prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
     for out, ref in zip(outs, expected):
         assert out.outputs[0].token_ids == ref
@@ -76,6 +89,7 @@ def test_cli_run_on_cuda(checkpoints) -> None:
     from cupaged.cli import main
 
     result = CliRunner().invoke(main, ["run", "--model", str(checkpoints("qwen3-tiny")), "--device", "cuda",
-                                       "--prompt", "hello", "--max-tokens", "16", "--ignore-eos"])
+                                       "--prompt", "hello", "--max-tokens", "16", "--ignore-eos",
+                                       "--gpu-memory-utilization", "0.5"])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output

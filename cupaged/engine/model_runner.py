@@ -54,11 +54,13 @@ class ModelRunner:
         cupy.cuda.Device().synchronize()
         self.cache = None
         free, total = cupy.cuda.runtime.memGetInfo()
-        # the memory pool still holds the weights and the forward's peak working set, which later steps reuse
-        budget = total * gpu_memory_utilization - (total - free)
+        # the memory pool still holds the weights and the forward's peak working set, which later steps reuse;
+        # what it holds unused (the dummy cache, freed temporaries) is ours to give to the KV cache
+        in_use = total - free - cupy.get_default_memory_pool().free_bytes()
+        budget = total * gpu_memory_utilization - in_use
         num_blocks = int(budget // self.bytes_per_block())
         logger.info("GPU memory: %.1f GiB total, %.1f GiB in use after a %d-token forward; %d KV blocks fit "
-                    "at gpu_memory_utilization=%.2f", total / 2**30, (total - free) / 2**30, tokens, num_blocks,
+                    "at gpu_memory_utilization=%.2f", total / 2**30, in_use / 2**30, tokens, num_blocks,
                     gpu_memory_utilization)
         if num_blocks < 1:
             raise RuntimeError("no GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
