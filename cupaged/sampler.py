@@ -38,25 +38,28 @@ def apply_penalties(logits: Array, seqs: list[Sequence], eos_ids: list[int]) -> 
     return logits
 
 
-def filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p: Array, min_p: Array) -> tuple[Array, Array]:
-    """Probabilities after temperature and the top-k / top-p / min-p filters, sorted descending per row.
+def filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p: Array, min_p: Array,
+                   sort: bool = True) -> tuple[Array, Array | None]:
+    """Probabilities after temperature and the top-k / top-p / min-p filters, renormalised.
 
-    Returns (probs [B, V] renormalised, order [B, V]: the token id at each sorted position).
-    top_k 0 and top_p 1 and min_p 0 disable their filters.
+    With `sort`, rows come back sorted by probability, descending, with `order` [B, V] giving the token id at
+    each position; without it (allowed when no row uses top-k or top-p) rows stay in token order and order is
+    None. top_k 0, top_p 1 and min_p 0 disable their filters.
     """
     xp = array_module(logits)
     scaled = logits / temperature[:, None]
     probs = xp.exp(scaled - scaled.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
-    order = xp.argsort(-probs, axis=-1)
-    probs = xp.take_along_axis(probs, order, axis=-1)
-    rank = xp.arange(probs.shape[-1])[None, :]
-    k = xp.where(top_k > 0, top_k, probs.shape[-1])
-    keep = rank < k[:, None]
-    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    mass_before = xp.cumsum(probs, axis=-1) - probs
-    keep &= mass_before < top_p[:, None]
-    keep &= probs >= min_p[:, None] * probs[:, :1]
+    order = None
+    keep = probs >= min_p[:, None] * probs.max(axis=-1, keepdims=True)
+    if sort:
+        order = xp.argsort(-probs, axis=-1)
+        probs = xp.take_along_axis(probs, order, axis=-1)
+        keep = xp.take_along_axis(keep, order, axis=-1)
+        rank = xp.arange(probs.shape[-1])[None, :]
+        keep &= rank < xp.where(top_k > 0, top_k, probs.shape[-1])[:, None]
+        # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        keep &= (xp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
     probs = xp.where(keep, probs, 0.0)
     return probs / probs.sum(axis=-1, keepdims=True), order
 
@@ -76,10 +79,11 @@ def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.rand
         top_p = xp.asarray(np.array([p.top_p for p in params], f32))
         min_p = xp.asarray(np.array([p.min_p for p in params], f32))
         uniform = xp.asarray(np.array([(s.rng or rng).random() for s in seqs], f32))
-        probs, order = filtered_probs(logits, temperature, top_k, top_p, min_p)
+        sort = any(p.top_k > 0 or p.top_p < 1 for p in params)  # sorting [B, vocab] is the costly part
+        probs, order = filtered_probs(logits, temperature, top_k, top_p, min_p, sort)
         cdf = xp.cumsum(probs, axis=-1)
         pos = xp.minimum((cdf < uniform[:, None] * cdf[:, -1:]).sum(axis=-1), probs.shape[-1] - 1)
-        sampled = xp.take_along_axis(order, pos[:, None], axis=-1)[:, 0]
+        sampled = pos if order is None else xp.take_along_axis(order, pos[:, None], axis=-1)[:, 0]
         chosen = xp.where(xp.asarray(np.array(greedy)), chosen, sampled)
     tokens = [int(t) for t in to_numpy(chosen)]
     _record_logprobs(raw, seqs, tokens)
