@@ -41,8 +41,9 @@ paged_decode_attention(T* __restrict__ out, float* __restrict__ part_out, float*
     const long long head_offset = (long long)kvh * block_size * HEAD_DIM + tok_lane * N;
     const long long block_stride = (long long)num_kv_heads * block_size * HEAD_DIM;
 
-    // pass 1: scores
-    for (int t0 = start + tok_group; t0 < end; t0 += TOKENS * UNROLL) {
+    // pass 1: scores. The loop bounds are the same for every lane (shuffles below need the whole warp).
+    for (int base = start; base < end; base += TOKENS * UNROLL) {
+        const int t0 = base + tok_group;
         float kv[UNROLL][N];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -93,7 +94,8 @@ paged_decode_attention(T* __restrict__ out, float* __restrict__ part_out, float*
     for (int g = 0; g < HEADS; ++g)
 #pragma unroll
         for (int i = 0; i < N; ++i) acc[g][i] = 0.f;
-    for (int t0 = start + tok_group; t0 < end; t0 += TOKENS * UNROLL) {
+    for (int base = start; base < end; base += TOKENS * UNROLL) {
+        const int t0 = base + tok_group;
         float vv[UNROLL][N];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
