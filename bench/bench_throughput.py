@@ -64,24 +64,31 @@ def run_transformers_static(model: str, workload: list[tuple[list[int], int]], b
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
     torch.cuda.synchronize()
     t0, generated = time.perf_counter(), 0
-    for start in click.progressbar(range(0, len(workload), batch_size), label="transformers generate",
-                                   file=sys.stderr):
-        batch = workload[start:start + batch_size]
-        width = max(len(p) for p, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, (p, _) in enumerate(batch):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        longest = max(n for _, n in batch)
-        with torch.no_grad():
-            hf.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=longest, min_new_tokens=longest,
-                        do_sample=True, temperature=0.6, pad_token_id=0)
-        generated += sum(n for _, n in batch)  # tokens the requests asked for; padding steps are not counted
+    with click.progressbar(range(0, len(workload), batch_size), label="transformers generate",
+                           file=sys.stderr) as starts:
+        for start in starts:
+            generated += _static_batch(hf, workload[start:start + batch_size])
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     return {"engine": "transformers generate (static batches of 64)", "requests": len(workload),
             "output_tokens": generated, "time_s": elapsed, "output_tokens_per_s": generated / elapsed}
+
+
+def _static_batch(hf, batch: list[tuple[list[int], int]]) -> int:
+    """One left-padded batch run to its longest output; returns the tokens its requests asked for."""
+    import torch
+
+    width = max(len(p) for p, _ in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, (p, _) in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    longest = max(n for _, n in batch)
+    with torch.no_grad():
+        hf.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=longest, min_new_tokens=longest,
+                    do_sample=True, temperature=0.6, pad_token_id=0)
+    return sum(n for _, n in batch)  # tokens the requests asked for; padding steps are not counted
 
 
 def run_transformers_continuous(model: str, workload: list[tuple[list[int], int]]) -> dict:

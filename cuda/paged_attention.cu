@@ -10,7 +10,7 @@
 #include "common.cuh"
 using namespace cupaged;
 
-constexpr int THREADS = 128, WARPS = THREADS / 32, UNROLL = 4;
+constexpr int THREADS = 128, WARPS = THREADS / 32;
 
 template <typename T, int HEAD_DIM, int HEADS>
 __global__ void __launch_bounds__(THREADS)
@@ -20,6 +20,7 @@ paged_decode_attention(T* __restrict__ out, float* __restrict__ part_out, float*
                        const int* __restrict__ block_tables, int max_blocks, const int* __restrict__ seq_lens,
                        int num_kv_heads, int group, int block_size, int partition, float scale) {
     constexpr int N = Vec<T>::N, TPT = HEAD_DIM / N, TOKENS = THREADS / TPT;
+    constexpr int UNROLL = HEADS * N <= 32 ? 8 : 4;  // loads in flight per thread, as registers allow
     static_assert(TPT <= 32 && 32 % TPT == 0, "a K row must be read by a power-of-two part of one warp");
     const int split = blockIdx.x, b = blockIdx.z, num_splits = gridDim.x;
     const int head0 = blockIdx.y * HEADS, kvh = head0 / group, num_heads = num_kv_heads * group;

@@ -46,15 +46,21 @@ def test_logits_match_transformers_on_gpu(preset: str, dtype: str, checkpoints) 
     path = checkpoints(preset)
     rng = np.random.default_rng(11)
     sequences = [rng.integers(0, 1000, n) for n in (5, 19, 40, 77)]
-    expected = reference_logits(path, [s.tolist() for s in sequences], dtype=dtype, device="cuda")
+    exact = reference_logits(path, [s.tolist() for s in sequences], dtype="float32", device="cuda")
     model = load_model(path, dtype, cuda_ops, cupy)
     actual = teacher_forced_logits(model, sequences, [max(1, len(s) // 2) for s in sequences])
-    for a, e in zip(actual, expected):
-        assert np.isfinite(a).all()
-        if dtype == "float32":
-            assert relative_error(a, e) < 1e-4
-        else:
-            assert norm_relative_error(a, e) < 1e-2
+    if dtype == "float32":
+        for a, e in zip(actual, exact):
+            assert np.isfinite(a).all() and relative_error(a, e) < 1e-4
+        return
+    # bf16: within 1e-2 of transformers' float32 logits on the same checkpoint, and at least as close to them
+    # as transformers' own bf16 run is (which rounds at other points: rotary and softmax in bf16)
+    theirs = reference_logits(path, [s.tolist() for s in sequences], dtype="bfloat16", device="cuda")
+    ours_err = norm_relative_error(np.concatenate(actual), np.concatenate(exact))
+    their_err = norm_relative_error(np.concatenate(theirs), np.concatenate(exact))
+    print(f"{preset} bf16: cupaged {ours_err:.4f}, transformers {their_err:.4f} (relative to float32)")
+    assert np.isfinite(np.concatenate(actual)).all()
+    assert ours_err < 1e-2 and ours_err <= 1.25 * their_err
 
 
 def test_gpu_engine_greedy_equals_cpu_engine(checkpoints) -> None:
@@ -76,11 +82,22 @@ def test_gpu_engine_bf16_greedy_matches_transformers(checkpoints) -> None:
     path = checkpoints("qwen3-tiny")
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 1000, int(rng.integers(4, 60))).tolist() for _ in range(4)]
+    from tools.make_reference_logits import reference_logits
+
     expected = reference_greedy(path, prompts, max_new_tokens=32, dtype="bfloat16", device="cuda")
     outs = LLM(str(path), device="cuda", dtype="bfloat16", num_kv_blocks=256).generate(
         prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    for out, ref in zip(outs, expected):
-        assert out.outputs[0].token_ids == ref
+    for prompt, out, ref in zip(prompts, outs, expected):
+        ours = out.outputs[0].token_ids
+        same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+        if same == len(ref):
+            continue
+        # Two bf16 programs that round at different points may only part ways at a near tie: the float32
+        # logits there must have the two tokens within bf16 noise of each other.
+        logits = reference_logits(path, [prompt + ref[:same]], dtype="float32", device="cuda")[0][-1]
+        gap = abs(logits[ours[same]] - logits[ref[same]])
+        print(f"bf16 greedy: {same} tokens equal, then a tie within {gap:.4f} (logit std {logits.std():.3f})")
+        assert gap < 0.02 * np.abs(logits).max()
 
 
 def test_cli_run_on_cuda(checkpoints) -> None:

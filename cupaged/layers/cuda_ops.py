@@ -114,9 +114,9 @@ def _num_sms() -> int:
 
 
 def decode_partition(batch: int, head_chunks: int, heads_per_cta: int, max_seq_len: int) -> int:
-    """Tokens per thread block: small enough that batch x head chunks x partitions fills the GPU twice over,
+    """Tokens per thread block: small enough that batch x head chunks x partitions fills the GPU 4 times over,
     large enough to keep the reduction cheap, and within 32 KiB of scores."""
-    splits = max(1, math.ceil(2 * _num_sms() / max(1, batch * head_chunks)))
+    splits = max(1, math.ceil(4 * _num_sms() / max(1, batch * head_chunks)))
     partition = 64 * math.ceil(math.ceil(max_seq_len / splits) / 64)
     return max(64, min(partition, 2048, 8192 // heads_per_cta // 64 * 64))
 
