@@ -17,6 +17,7 @@ import click
 
 from bench.workload import nano_vllm_workload
 from cupaged import LLMEngine, SamplingParams
+from cupaged.checkpoint import open_checkpoint
 
 
 def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_options: dict) -> dict:
@@ -26,7 +27,7 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
         engine.step()
     for i, (prompt, n) in enumerate(workload):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, seed=i))
-    peak, generated, steps = 0, 0, 0
+    peak, generated, steps, preemptions = 0, 0, 0, 0
     sync = _synchronize(engine.device)
     sync()
     t0 = time.perf_counter()
@@ -42,10 +43,19 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
     sync()
     elapsed = time.perf_counter() - t0
     prompt_tokens = sum(len(p) for p, _ in workload)
-    return {"engine": "cupaged", "requests": len(workload), "output_tokens": generated, "time_s": elapsed,
+    total_blocks, preemptions = engine.stats.kv_blocks_total, engine.stats.num_preemptions
+    release = engine.device == "cuda"
+    del engine
+    if release:  # hand the KV cache back before a peer needs the card
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+    result = {"engine": "cupaged", "requests": len(workload), "output_tokens": generated, "time_s": elapsed,
             "output_tokens_per_s": generated / elapsed, "total_tokens_per_s": (generated + prompt_tokens) / elapsed,
-            "peak_kv_blocks": peak, "kv_blocks_total": engine.stats.kv_blocks_total, "steps": steps,
-            "preemptions": engine.stats.num_preemptions}
+            "peak_kv_blocks": peak, "kv_blocks_total": total_blocks, "steps": steps,
+              "preemptions": preemptions}
+    click.echo(f"cupaged: {result}", err=True)
+    return result
 
 
 def _synchronize(device: str):
@@ -131,7 +141,8 @@ def run_transformers_continuous(model: str, workload: list[tuple[list[int], int]
 @click.option("--json", "json_path", default=None)
 def main(model: str, num_requests: int, scale: int, device: str | None, dtype: str, max_num_seqs: int,
          max_num_batched_tokens: int | None, peers: bool, peer_requests: int | None, json_path: str | None) -> None:
-    workload = nano_vllm_workload(num_requests, scale)
+    vocab = open_checkpoint(model)[0].vocab_size
+    workload = nano_vllm_workload(num_requests, scale, vocab=vocab)
     options = dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens)
     results = [run_cupaged(model, workload, options)]
