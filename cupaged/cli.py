@@ -200,5 +200,9 @@ def stream_reply(engine: "LLMEngine", request_id: str) -> str:
     return text
 
 
+from cupaged.server import serve  # noqa: E402  (server.py reads ENGINE_OPTIONS above)
+main.add_command(serve)
+
+
 if __name__ == "__main__":
     main()
