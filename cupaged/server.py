@@ -83,7 +83,7 @@ class Failed:
     message: str
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestStream:
     """One request as both threads see it. The engine thread owns the counters below `queue`."""
 
@@ -96,6 +96,7 @@ class RequestStream:
     num_tokens: int = 0                # tokens already sent (engine thread)
     last_token_time: float | None = None
     finished: bool = False             # the handler has seen the last event (asyncio thread)
+    tokens_as_ids: bool = False        # logprob tokens as "token_id:N" (vLLM's return_tokens_as_token_ids)
 
 
 @dataclass(frozen=True)
@@ -620,6 +621,10 @@ class Server:
                     raise
                 return web.json_response(ApiError(exc.status, exc.reason or "error").body(), status=exc.status,
                                          headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+            except Exception as exc:  # noqa: BLE001 - a bug: answer in OpenAI's shape, keep serving
+                logger.exception("error handling %s %s", request.method, request.path)
+                return web.json_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}").body(),
+                                         status=500)
         return middleware
 
     async def _json(self, request: Any) -> dict:
@@ -637,7 +642,9 @@ class Server:
         if model is not None and model != self.model_name:
             raise ApiError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
 
-    def _token(self, token_id: int) -> str:
+    def _token(self, token_id: int, as_id: bool = False) -> str:
+        if as_id:  # vLLM's return_tokens_as_token_ids: unambiguous where a token is part of a character
+            return f"token_id:{token_id}"
         text = self._token_text.get(token_id)
         if text is None:
             text = self.worker.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -737,6 +744,7 @@ class Server:
                                 "retry later", code="overloaded")
         loop = asyncio.get_running_loop()
         s = RequestStream(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", ids, params, loop, asyncio.Queue())
+        s.tokens_as_ids = _field(body, "return_tokens_as_token_ids", "bool", False)
         self.active.add(s)
         self.idle.clear()
         submitted = False
@@ -761,21 +769,20 @@ class Server:
             if not self.active:
                 self.idle.set()
 
-    def _completion_logprobs(self, d: Delta, offset: int) -> tuple[dict, int]:
+    def _completion_logprobs(self, d: Delta, offset: int, as_ids: bool) -> tuple[dict, int]:
         tokens, lps, tops, offsets = [], [], [], []
         for lp in d.logprobs or []:
-            text = self._token(lp.token_id)
-            tokens.append(text)
+            tokens.append(self._token(lp.token_id, as_ids))
             lps.append(lp.logprob)
-            tops.append({self._token(t): v for t, v in lp.top.items()})
+            tops.append({self._token(t, as_ids): v for t, v in lp.top.items()})
             offsets.append(offset)
-            offset += len(text)
+            offset += len(self._token(lp.token_id))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
-    def _chat_logprobs(self, d: Delta) -> list[dict]:
+    def _chat_logprobs(self, d: Delta, as_ids: bool) -> list[dict]:
         def entry(token_id: int, logprob: float) -> dict:
             text = self._token(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": self._token(token_id, as_ids), "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
         return [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top.items()])
                 for lp in d.logprobs or []]
@@ -804,10 +811,10 @@ class Server:
         choice: dict[str, Any] = {"index": 0}
         if chat:
             choice["message"] = {"role": "assistant", "content": whole.text}
-            choice["logprobs"] = {"content": self._chat_logprobs(whole)} if want else None
+            choice["logprobs"] = {"content": self._chat_logprobs(whole, s.tokens_as_ids)} if want else None
         else:
             choice["text"] = whole.text
-            choice["logprobs"] = self._completion_logprobs(whole, 0)[0] if want else None
+            choice["logprobs"] = self._completion_logprobs(whole, 0, s.tokens_as_ids)[0] if want else None
         choice["finish_reason"] = d.finish_reason
         choice["stop_reason"] = d.stop_reason
         return web.json_response({
@@ -850,10 +857,10 @@ class Server:
                     choice: dict[str, Any] = {"index": 0}
                     if chat:
                         choice["delta"] = {"content": d.text} if d.text or d.finish_reason is None else {}
-                        choice["logprobs"] = {"content": self._chat_logprobs(d)} if want else None
+                        choice["logprobs"] = {"content": self._chat_logprobs(d, s.tokens_as_ids)} if want else None
                     else:
                         choice["text"] = d.text
-                        choice["logprobs"], offset = self._completion_logprobs(d, offset) if want else (None, offset)
+                        choice["logprobs"], offset = self._completion_logprobs(d, offset, s.tokens_as_ids) if want else (None, offset)
                     choice["finish_reason"] = d.finish_reason
                     if d.finish_reason is not None:
                         choice["stop_reason"] = d.stop_reason

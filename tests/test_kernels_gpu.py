@@ -73,10 +73,12 @@ def test_rms_norm_of_head_views(ops, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual_dtype", ["float32", "same"])
 @pytest.mark.parametrize("rows, width", [(1, 1024), (33, 2048), (7, 4096)])
-def test_add_rms_norm(ops, dtype, rows, width) -> None:
+def test_add_rms_norm(ops, dtype, residual_dtype, rows, width) -> None:
     rng = np.random.default_rng()
-    x, r, w = rand((rows, width), dtype, rng), rand((rows, width), dtype, rng), rand((width,), dtype, rng)
+    x, w = rand((rows, width), dtype, rng), rand((width,), dtype, rng)
+    r = rand((rows, width), dtype if residual_dtype == "same" else residual_dtype, rng)
     want_out, want_res = reference_ops().add_rms_norm(x, r.copy(), w, 1e-5)
     out, res = ops.add_rms_norm(x, r, w, 1e-5)
     close(out, want_out, dtype)

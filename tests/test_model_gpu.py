@@ -124,8 +124,9 @@ def test_gpu_prefix_caching_and_parallel_sampling(checkpoints) -> None:
     system = rng.integers(0, 1000, 50).tolist()
     requests = [(system + rng.integers(0, 1000, int(rng.integers(1, 20))).tolist(),
                  SamplingParams(n=3, temperature=0.8, seed=i, max_tokens=12, ignore_eos=True)) for i in range(6)]
-    cached = LLM(path, device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=6)
-    plain = LLM(path, device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=6,
+    # three sequences at a time: one request runs while the next waits, and then finds its prefix cached
+    cached = LLM(path, device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=3)
+    plain = LLM(path, device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=3,
                 enable_prefix_caching=False)
     assert run_all(cached, requests) == run_all(plain, requests)
     assert cached.engine.stats.num_cached_tokens > 0

@@ -1,7 +1,8 @@
 """The ops of layers/reference.py as CUDA kernels (cuda/*.cu), on CuPy arrays.
 
 Same names, arguments and results as the reference, which is their test oracle. Two differences, both safe
-for the model's use: `add_rms_norm` updates `residual` in place, and `apply_rotary` rotates q and k in place.
+for the model's use: `add_rms_norm` updates `residual` (float32 or x's dtype) in place, and `apply_rotary`
+rotates q and k in place.
 Prefill attention still uses the reference's math on the GPU (gather + matmul, in query chunks); the flash
 kernel for it comes later. Shapes the kernels do not cover fall back to the reference.
 """
@@ -50,7 +51,7 @@ def add_rms_norm(x: Array, residual: Array, weight: Array, eps: float) -> tuple[
     rows = x.size // width
     out = cupy.empty_like(x)
     per_block = THREADS // 32
-    kernel("norm.cu", f"add_rms_norm<{ctype(x.dtype)}>")(
+    kernel("norm.cu", f"add_rms_norm<{ctype(x.dtype)}, {ctype(residual.dtype)}>")(
         (math.ceil(rows / per_block),), (THREADS,),
         (out, x, residual, weight, np.int32(rows), np.int32(width), np.float32(eps)))
     return out, residual

@@ -23,10 +23,10 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 
 
 def add_rms_norm(x: Array, residual: Array, weight: Array, eps: float) -> tuple[Array, Array]:
-    """residual = x + residual, then (rms_norm(residual), residual)."""
+    """residual = x + residual (kept in residual's dtype), then (rms_norm(residual) in x's dtype, residual)."""
     xp = array_module(x)
-    residual = (x.astype(xp.float32) + residual.astype(xp.float32)).astype(x.dtype)
-    return rms_norm(residual, weight, eps), residual
+    residual = (x.astype(xp.float32) + residual.astype(xp.float32)).astype(residual.dtype)
+    return rms_norm(residual, weight, eps).astype(x.dtype), residual
 
 
 def apply_rotary(q: Array, k: Array, positions: Array, cos_sin: Array) -> tuple[Array, Array]:

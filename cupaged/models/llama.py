@@ -94,8 +94,8 @@ class LlamaModel:
         hidden = self.embed[input_ids]
         residual = None
         for i, layer in enumerate(self.layers):
-            if residual is None:
-                x, residual = ops.rms_norm(hidden, layer.input_norm, eps), hidden
+            if residual is None:  # the residual stream is kept in float32: bf16 rounding would accumulate in it
+                x, residual = ops.rms_norm(hidden, layer.input_norm, eps), hidden.astype(self.xp.float32)
             else:
                 x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
             qkv = x @ layer.w_qkv
