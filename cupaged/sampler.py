@@ -78,10 +78,12 @@ def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.rand
         top_k = xp.asarray(np.array([p.top_k for p in params], np.int64))
         top_p = xp.asarray(np.array([p.top_p for p in params], f32))
         min_p = xp.asarray(np.array([p.min_p for p in params], f32))
-        uniform = xp.asarray(np.array([(s.rng or rng).random() for s in seqs], f32))
+        uniform = xp.asarray(np.array([(s.rng or rng).random() for s in seqs]))
         sort = any(p.top_k > 0 or p.top_p < 1 for p in params)  # sorting [B, vocab] is the costly part
         probs, order = filtered_probs(logits, temperature, top_k, top_p, min_p, sort)
-        cdf = xp.cumsum(probs, axis=-1)
+        # float64: a float32 running sum drifts by ~1e-6 with the batch's shape, enough to move a draw that
+        # lands near a boundary to the neighbouring token and break per-request seeds
+        cdf = xp.cumsum(probs.astype(xp.float64), axis=-1)
         pos = xp.minimum((cdf < uniform[:, None] * cdf[:, -1:]).sum(axis=-1), probs.shape[-1] - 1)
         sampled = pos if order is None else xp.take_along_axis(order, pos[:, None], axis=-1)[:, 0]
         chosen = xp.where(xp.asarray(np.array(greedy)), chosen, sampled)

@@ -194,7 +194,7 @@ class Metrics:
             rate = sum(n for _, n in self.recent) / span
             lines = []
 
-            def metric(name: str, kind: str, help_text: str, value: float | dict[str, float], label: str = "") -> None:
+            def metric(name: str, kind: str, help_text: str, value: float | dict, label: str = "") -> None:
                 lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
                 if isinstance(value, dict):
                     for key, v in sorted(value.items()):
@@ -248,7 +248,6 @@ class EngineWorker:
         self.closed = False                    # after abort_all, new requests are refused
         self.tokenizer = None
         self.max_model_len = 0
-        self.vocab_size = 0
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._streams: dict[str, RequestStream] = {}  # engine thread only
@@ -289,7 +288,6 @@ class EngineWorker:
             self.engine = LLMEngine(self.model, **self.engine_options)
             self.tokenizer = self.engine.tokenizer
             self.max_model_len = self.engine.max_model_len
-            self.vocab_size = self.engine.config.vocab_size
             self._publish()
         except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
             self._load_error = exc
@@ -440,7 +438,7 @@ def _field(body: dict, name: str, kind: str, default: Any = None) -> Any:
     if value is _MISSING or value is None:
         return default
     ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-          "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value),
           "bool": isinstance(value, bool),
           "str": isinstance(value, str),
           "list": isinstance(value, list),
@@ -452,9 +450,16 @@ def _field(body: dict, name: str, kind: str, default: Any = None) -> Any:
     return float(value) if kind == "number" else value
 
 
-def _unsupported(body: dict, name: str, default: Any = None) -> None:
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _unsupported(body: dict, name: str, allowed: tuple = ()) -> None:
     value = body.get(name)
-    if value is not None and value != default and value != {} and value != []:
+    if value is not None and value not in allowed and value != {} and value != []:
         raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
 
 
@@ -466,8 +471,9 @@ def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | 
     best_of = _field(body, "best_of", "int", None)
     if best_of not in (None, 1):
         raise ApiError(400, "best_of is not supported", "best_of", "unsupported_parameter")
-    for name in ("logit_bias", "suffix", "tools", "functions", "tool_choice"):
+    for name in ("logit_bias", "suffix", "tools", "functions"):
         _unsupported(body, name)
+    _unsupported(body, "tool_choice", ("none", "auto"))
     if _field(body, "response_format", "object", {}).get("type", "text") != "text":
         raise ApiError(400, "only the 'text' response_format is supported", "response_format",
                        "unsupported_parameter")
@@ -601,19 +607,22 @@ class Server:
 
         @web.middleware
         async def middleware(request: Any, handler: Any) -> Any:
+            request["arrival"] = time.monotonic()  # time to first token counts from here
             try:
                 if self.api_key is not None and request.path != "/health":
                     given = request.headers.get("Authorization", "")
-                    if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                    if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {self.api_key}".encode()):
                         raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                                        code="invalid_api_key")
                 return await handler(request)
             except ApiError as exc:
                 if request.path in ("/v1/completions", "/v1/chat/completions") and exc.status != 401:
-                    reason = {503: "overloaded", 404: "unknown_model"}.get(exc.status,
-                                                                            "error" if exc.status >= 500 else "invalid")
                     if exc.code == "shutting_down":
                         reason = "shutting_down"
+                    elif exc.status in (404, 503):
+                        reason = "unknown_model" if exc.status == 404 else "overloaded"
+                    else:
+                        reason = "error" if exc.status >= 500 else "invalid"
                     self.metrics.on_reject(reason)
                 return web.json_response(exc.body(), status=exc.status)
             except web.HTTPException as exc:  # unknown route, wrong method, body too large
@@ -663,8 +672,11 @@ class Server:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your "
                                 f"{param} has {n} tokens, which leaves no room for a completion.", param,
                            "context_length_exceeded")
-        if max_tokens_field is None:
+        if max_tokens_field is None:  # OpenAI's defaults: the rest of the context for chat, 16 for completions
             params.max_tokens = limit - n if chat else min(16, limit - n)
+            if params.min_tokens > params.max_tokens:
+                raise ApiError(400, f"min_tokens ({params.min_tokens}) must not exceed max_tokens "
+                                    f"({params.max_tokens}, the default here)", "min_tokens")
         elif n + params.max_tokens > limit:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{n + params.max_tokens} tokens ({n} in the {param}, {params.max_tokens} for the "
@@ -690,7 +702,7 @@ class Server:
         from aiohttp import web
 
         text = self.metrics.render(self.worker.snapshot, self.worker.pending)
-        return web.Response(text=text, content_type="text/plain", headers={"X-Content-Type-Version": "0.0.4"})
+        return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cupaged",
@@ -743,7 +755,8 @@ class Server:
             raise ApiError(503, f"the server is overloaded: {self.worker.num_waiting} requests are waiting; "
                                 "retry later", code="overloaded")
         loop = asyncio.get_running_loop()
-        s = RequestStream(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", ids, params, loop, asyncio.Queue())
+        s = RequestStream(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", ids, params, loop, asyncio.Queue(),
+                          request.get("arrival", time.monotonic()))
         s.tokens_as_ids = _field(body, "return_tokens_as_token_ids", "bool", False)
         self.active.add(s)
         self.idle.clear()
@@ -835,9 +848,15 @@ class Server:
         def sse(payload: dict) -> bytes:
             return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
+        # the common chunk (new text, no logprobs, not the last) is spliced around the JSON of its text alone
+        marker = json.dumps("\0text\0")
+        plain = {"index": 0, "delta": {"content": "\0text\0"}} if chat else {"index": 0, "text": "\0text\0"}
+        head, tail = sse(dict(base, choices=[dict(plain, logprobs=None, finish_reason=None)])).split(marker.encode())
+
         if chat:
-            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            await response.write(sse(dict(base, choices=[role])))
+            role = {"role": "assistant", "content": ""}
+            await response.write(sse(dict(base, choices=[{"index": 0, "delta": role, "logprobs": None,
+                                                           "finish_reason": None}])))
         last: Delta | None = None
         try:
             while last is None or last.finish_reason is None:
@@ -854,13 +873,17 @@ class Server:
                     last = d
                     if not d.text and not d.logprobs and d.finish_reason is None:
                         continue  # nothing to say yet (half a UTF-8 character, or text held back for a stop string)
+                    if not want and d.finish_reason is None:
+                        out.append(head + json.dumps(d.text, ensure_ascii=False).encode() + tail)
+                        continue
                     choice: dict[str, Any] = {"index": 0}
                     if chat:
                         choice["delta"] = {"content": d.text} if d.text or d.finish_reason is None else {}
                         choice["logprobs"] = {"content": self._chat_logprobs(d, s.tokens_as_ids)} if want else None
                     else:
                         choice["text"] = d.text
-                        choice["logprobs"], offset = self._completion_logprobs(d, offset, s.tokens_as_ids) if want else (None, offset)
+                        choice["logprobs"], offset = self._completion_logprobs(d, offset, s.tokens_as_ids) \
+                            if want else (None, offset)
                     choice["finish_reason"] = d.finish_reason
                     if d.finish_reason is not None:
                         choice["stop_reason"] = d.stop_reason
@@ -965,6 +988,8 @@ def serve(host: str, port: int, api_key: str | None, max_queue_depth: int, serve
         import aiohttp  # noqa: F401
     except ImportError:
         raise click.ClickException("cupaged serve needs aiohttp: pip install cupaged[serve]") from None
+    if max_queue_depth == 0 or max_queue_depth < -1:
+        raise click.BadParameter("must be -1 (no limit) or at least 1", param_hint="--max-queue-depth")
     setup_logging(o["verbose"])
     try:
         model = model_path(o)

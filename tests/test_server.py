@@ -206,21 +206,20 @@ def test_sampling_fields_map_to_sampling_params(client: openai.OpenAI, llm: LLM)
     params = SamplingParams(temperature=0.9, top_p=0.9, top_k=40, min_p=0.01, presence_penalty=0.5,
                             frequency_penalty=0.3, repetition_penalty=1.2, seed=1234, max_tokens=16, ignore_eos=True)
     offline = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0.9, top_p=0.9,
-                                    presence_penalty=0.5, frequency_penalty=0.3, seed=1234,
-                                    extra_body={"top_k": 40, "min_p": 0.01, "repetition_penalty": 1.2,
-                                                "ignore_eos": True})
-    assert out.choices[0].text == offline.text
-    # a stop string cuts the text as offline
-    stop = offline.text[len(offline.text) // 2:len(offline.text) // 2 + 2]
-    if stop.strip():
-        cut = llm.generate([prompt], SamplingParams(**{**params.__dict__, "stop": [stop]}),
-                           use_tqdm=False)[0].outputs[0]
-        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0.9, top_p=0.9,
-                                        presence_penalty=0.5, frequency_penalty=0.3, seed=1234, stop=stop,
-                                        extra_body={"top_k": 40, "min_p": 0.01, "repetition_penalty": 1.2,
-                                                    "ignore_eos": True})
-        assert out.choices[0].text == cut.text and out.choices[0].finish_reason == "stop"
+    kw = dict(model=NAME, prompt=prompt, max_tokens=16, temperature=0.9, top_p=0.9, presence_penalty=0.5,
+              frequency_penalty=0.3, seed=1234,
+              extra_body={"top_k": 40, "min_p": 0.01, "repetition_penalty": 1.2, "ignore_eos": True})
+    assert client.completions.create(**kw).choices[0].text == offline.text
+    # a stop string cuts the text as offline, streamed or not
+    text = offline.text
+    stop = next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1) if text[i:i + 2].strip())
+    cut = llm.generate([prompt], SamplingParams(**{**params.__dict__, "stop": [stop]}), use_tqdm=False)[0].outputs[0]
+    assert len(cut.text) < len(text)
+    out = client.completions.create(**kw, stop=stop)
+    assert out.choices[0].text == cut.text and out.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(**kw, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == cut.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_logprobs_equal_offline(client: openai.OpenAI, llm: LLM) -> None:
@@ -249,12 +248,14 @@ def test_concurrent_clients_equal_offline(server: ServerProcess, llm: LLM) -> No
     peak = {"running": 0}
 
     async def one(aclient: openai.AsyncOpenAI, i: int) -> tuple[str, str, int]:
-        kw = dict(model=NAME, prompt=prompts[i], max_tokens=lengths[i], temperature=0, extra_body={"ignore_eos": True})
+        kw = dict(model=NAME, prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                  extra_body={"ignore_eos": True})
         if i % 2:
             out = await aclient.completions.create(**kw)
             return out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens
         text, reason, usage = "", None, None
-        async for chunk in await aclient.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        stream = await aclient.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
             if chunk.choices:
                 text += chunk.choices[0].text
                 reason = chunk.choices[0].finish_reason or reason
@@ -325,6 +326,9 @@ BAD_REQUESTS = [
     ("completions", {"prompt": ""}, 400, "prompt", None),
     ("completions", {"prompt": ["a", "b"]}, 400, "prompt", "unsupported_parameter"),
     ("completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
+    ("completions", b'{"prompt": "hi", "temperature": 1' + b"0" * 400 + b"}", 400, "temperature", "invalid_type"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     "tools", "unsupported_parameter"),
 ]
 
 
@@ -482,8 +486,8 @@ def test_sigterm_under_load_answers_or_aborts_every_request(model: Path, tmp_pat
             tasks = [asyncio.ensure_future(request(session, i)) for i in range(16)]
             for _ in range(1000):
                 m = metrics(url)
-                if m["cupaged_num_requests_running"] + m.get('cupaged_requests_finished_total{finish_reason="length"}', 0) \
-                        >= 16:
+                finished = m.get('cupaged_requests_finished_total{finish_reason="length"}', 0)
+                if m["cupaged_num_requests_running"] + finished >= 16:
                     break
                 await asyncio.sleep(0.01)
             proc.proc.send_signal(signal.SIGTERM)
@@ -498,3 +502,35 @@ def test_sigterm_under_load_answers_or_aborts_every_request(model: Path, tmp_pat
     assert proc.proc.wait(LIMIT) == 0, proc.output()
     assert "Traceback" not in proc.output(), proc.output()
     proc.stop()
+
+
+# -- in process: an engine that fails -----------------------------------------------------------------------------
+
+def test_engine_failure_fails_requests_and_health(model: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from cupaged.server import EngineWorker, Metrics, Server
+
+    def broken_step() -> list:
+        raise RuntimeError("device lost")
+
+    async def main() -> None:
+        metrics = Metrics()
+        worker = EngineWorker(str(model), {"device": "cpu"}, metrics)
+        worker.start()
+        worker.engine.step = broken_step  # the engine thread is idle, waiting for a command
+        server = Server(worker, metrics, NAME, None, 16)
+        try:
+            async with TestClient(TestServer(server.app())) as http_client:
+                r = await http_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+                assert r.status == 500 and "device lost" in (await r.json())["error"]["message"]
+                r = await http_client.get("/health")
+                assert r.status == 500
+                r = await http_client.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "hi"}], "stream": True})
+                assert r.status == 500 and (await r.json())["error"]["type"] == "server_error"
+        finally:
+            worker.stop()
+        assert not worker.thread.is_alive()
+
+    asyncio.run(asyncio.wait_for(main(), LIMIT))
