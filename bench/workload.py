@@ -14,7 +14,8 @@ def nano_vllm_workload(num_requests: int = 256, scale: int = 1, vocab: int = 100
     """(prompt token ids, output length) per request."""
     random.seed(seed)
     lo, hi = 100 // scale, 1024 // scale
-    prompts = [[random.randint(0, min(vocab, 10000) - 1) for _ in range(random.randint(lo, hi))]
+    top = 10000 if vocab > 10000 else vocab - 1  # nano-vllm draws randint(0, 10000), both ends included
+    prompts = [[random.randint(0, top) for _ in range(random.randint(lo, hi))]
                for _ in range(num_requests)]
     outputs = [random.randint(lo, hi) for _ in range(num_requests)]
     return list(zip(prompts, outputs))
