@@ -179,6 +179,11 @@ def chat(system: str | None, **o: object) -> None:
             history.pop()
             click.echo(f"[error: {exc}]", err=True)
             continue
+        except KeyboardInterrupt:  # Ctrl-C before the reply began: drop this turn, keep the program
+            engine.abort(f"chat-{turn}")
+            history.pop()
+            click.echo(" [stopped]")
+            continue
         reply = stream_reply(engine, f"chat-{turn}")
         history.append({"role": "assistant", "content": reply})
 

@@ -137,11 +137,11 @@ def load_gguf(path: str | Path) -> GGUFCheckpoint:
                         f"files of {', '.join(ARCHITECTURES)}")
     tensor_info = {t.name: t for t in reader.tensors}
     config = _config(metadata, tensor_info, path, gguf)
-    tensors = _tensors(reader, config, arch, path, gguf)
-    tokenizer, tokenizer_config = _tokenizer(metadata, path)
+    tokenizer, tokenizer_config = _tokenizer(metadata, path)  # before the (slow) tensors: fail fast
     tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if tok_vocab > config["vocab_size"]:
         raise GGUFError(f"{path}: the tokenizer has {tok_vocab} tokens, the embedding only {config['vocab_size']}")
+    tensors = _tensors(reader, config, arch, path)
     small = {k: v for k, v in metadata.items() if not (isinstance(v, list) and len(v) > 64)}
     return GGUFCheckpoint(config, tensors, tokenizer, tokenizer_config, small)
 
@@ -257,7 +257,7 @@ def _rope_scaling(md: dict[str, Any], arch: str, tensor_info: dict[str, Any], th
         t = tensor_info["rope_freqs.weight"]
         divisors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
         return _llama3_scaling_from_divisors(divisors, theta, head_dim, path)
-    if kind in (None, "none") and not factor:
+    if kind == "none" or not factor or (kind in (None, "linear") and float(factor) == 1.0):
         return None
     if kind in (None, "linear"):
         return {"rope_type": "linear", "factor": float(factor)}
@@ -338,7 +338,7 @@ def dequantize_tensor(t: Any, path: Path | str = "?") -> np.ndarray:
     return w.reshape(shape)
 
 
-def _tensors(reader: Any, config: dict[str, Any], arch: str, path: Path, gguf: Any) -> dict[str, np.ndarray]:
+def _tensors(reader: Any, config: dict[str, Any], arch: str, path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         if t.name in _CONFIG_TENSORS:
@@ -413,7 +413,6 @@ def _tokenizer(md: dict[str, Any], path: Path) -> tuple[Any, dict[str, Any]]:
                                                            pair=template("A", 0) + template("B", 1),
                                                            special_tokens=specials)
     eos_ids = [i for i in (eos_id, token("eot_token_id")[0], token("eom_token_id")[0]) if i is not None]
-    eos_ids += [int(i) for i in md.get("tokenizer.ggml.eog_token_ids", []) or []]
     tokenizer_config: dict[str, Any] = {
         "chat_template": md.get("tokenizer.chat_template"),
         "bos_token": bos,

@@ -310,9 +310,7 @@ class EngineWorker:
                 return
             if not self.engine.has_unfinished_requests():
                 continue
-            outputs = self.engine.step()
-            self._dispatch(outputs)
-            self._publish()
+            self._dispatch(self.engine.step())
             if self.step_delay:
                 time.sleep(self.step_delay)
 
@@ -340,8 +338,8 @@ class EngineWorker:
                     for request_id in list(self._streams):
                         self.engine.abort(request_id)
         finally:
+            self._publish()  # first: a client that hears back sees /metrics up to date
             self._deliver(events)
-            self._publish()
 
     def _add(self, s: RequestStream) -> Accepted | Rejected:
         with self.pending_lock:
@@ -379,6 +377,7 @@ class EngineWorker:
                 del self._streams[out.request_id]
                 self.metrics.on_finish(finish)
         self.metrics.on_step(step_tokens, now)
+        self._publish()
         self._deliver(events)
 
     def _publish(self) -> None:

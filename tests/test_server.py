@@ -437,7 +437,8 @@ def test_full_queue_gets_503(slow_server: ServerProcess) -> None:
             waiting = asyncio.ensure_future(session.post(url + "/v1/completions", json={
                 "prompt": "queued", "max_tokens": 400, "ignore_eos": True}))
             for _ in range(1000):
-                if metrics(url)["cupaged_num_requests_waiting"] == 1:
+                m = metrics(url)
+                if (m["cupaged_num_requests_running"], m["cupaged_num_requests_waiting"]) == (1, 1):
                     break
                 await asyncio.sleep(0.01)
             async with session.post(url + "/v1/completions", json={"prompt": "one too many"}) as r:
