@@ -60,10 +60,6 @@ class Tokenizer:
             eos_ids.add(tok.token_to_id(eos_token))
         return cls(tok, template, _token_text(cfg.get("bos_token")), eos_ids, eos_token)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -149,10 +149,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
-
     # -- one step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch. Returns an output for every request that produced text or finished in this step."""
