@@ -3,49 +3,115 @@
     python -m bench.bench_decode_attention --json decode.json
 
 Llama-3-8B heads (32 query, 8 KV, head_dim 128), bf16, block size 16, random block tables (a shuffled
-permutation of physical blocks). Bytes moved = K and V of every sequence read once + q read + output written.
-The copy bandwidth is a large device-to-device copy (bytes read + written) measured in the same run. The peer is
-torch's scaled_dot_product_attention on the same K/V made contiguous (no paging to pay for), flash and cuDNN
-backends, where torch is installed. Times are CUDA-event medians after warm-up.
+permutation of physical blocks), batch x context over a grid (cells whose K/V exceeds --max-gb are skipped).
+Bytes moved = K and V of every sequence read once + q read + output written. The copy bandwidth is a large
+device-to-device copy (bytes read + written) measured in the same run.
+
+Timing: GPU time per call, from CUDA events around a CUDA graph of several calls (median of --repeat graph
+launches, after warm-up), so that Python's launch overhead is not counted, for us or for the peer. Cells whose
+K/V fits in L2 rotate over enough independent K/V sets to exceed it (~256 MB), so that DRAM is measured.
+The peer is torch's scaled_dot_product_attention (flash and cuDNN backends, enable_gqa) on the same K/V made
+contiguous per sequence ([B, Hkv, L, D]; no paging to pay for), timed the same way, where torch is installed.
+--sweep also times partitions of 128..4096 tokens in each cell (tuning the split heuristic).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
 import numpy as np
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+ROTATE_BYTES = 256e6  # cells smaller than this rotate over several K/V sets (the L2 is 50 MB)
 
 
-def median_ms(fn, repeat: int = 30, warmup: int = 5) -> float:
+def graph_ms(fns, repeat: int, warmup: int = 3, min_ms: float = 1.0) -> tuple[float, int]:
+    """GPU ms per call of fns (called in turn) from a captured CUDA graph; (median, calls per graph)."""
     import cupy
 
-    for _ in range(warmup):
-        fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        stop.record()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for f in fns:  # compile, allocate workspaces
+            f()
+        stream.synchronize()
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        for f in fns:
+            f()
+        stop.record(stream)
         stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+        per_call = max(cupy.cuda.get_elapsed_time(start, stop) / len(fns), 1e-3)
+        rounds = max(1, math.ceil(min_ms / (per_call * len(fns))))
+        rounds = min(rounds, max(1, 400 // len(fns)))
+        stream.begin_capture()
+        for _ in range(rounds):
+            for f in fns:
+                f()
+        graph = stream.end_capture()
+        calls = rounds * len(fns)
+        for _ in range(warmup):
+            graph.launch(stream)
+        times = []
+        for _ in range(repeat):
+            start.record(stream)
+            graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
+    return float(np.median(times)), calls
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(repeat: int) -> dict:
+    """Device-to-device copy of 1 GiB, bytes read + written per second (GB/s): an elementwise copy of 16-byte
+    elements and cudaMemcpyAsync; the ceiling is the faster of the two."""
     import cupy
 
-    src = cupy.ones(1 << 30, dtype=cupy.uint8)
+    n = 1 << 30
+    src = cupy.ones(n // 16, dtype=cupy.complex128)
     dst = cupy.empty_like(src)
-    ms = median_ms(lambda: dst.__setitem__(Ellipsis, src), repeat=20)
-    return 2 * src.nbytes / ms / 1e6  # GB/s
+    rt = cupy.cuda.runtime
+    kernel_ms, _ = graph_ms([lambda: cupy.copyto(dst, src)], repeat)
+    memcpy_ms, _ = graph_ms([lambda: rt.memcpyAsync(dst.data.ptr, src.data.ptr, n, rt.memcpyDeviceToDevice,
+                                                    cupy.cuda.get_current_stream().ptr)], repeat)
+    result = {"copy_kernel_gb_s": 2 * n / kernel_ms / 1e6, "copy_memcpy_gb_s": 2 * n / memcpy_ms / 1e6}
+    result["copy_gb_s"] = max(result.values())
+    return result
 
 
-def torch_peer(q_np, k, v, batch: int, ctx: int) -> dict:
+def random_bf16(shape, dtype, rng_seed: int):
+    """A bf16 array of standard normals, filled in chunks (no full-size float32 temporary)."""
+    import cupy
+
+    out = cupy.empty(shape, dtype=dtype)
+    flat = out.reshape(-1)
+    rs = cupy.random.RandomState(rng_seed)
+    step = 1 << 28
+    for i in range(0, flat.size, step):
+        n = min(step, flat.size - i)
+        flat[i:i + n] = rs.standard_normal(n, dtype=cupy.float32).astype(dtype)
+    return out
+
+
+def contiguous_kv(cache, tables: np.ndarray, batch: int, blocks_per_seq: int):
+    """[B, Hkv, L, D] copy of a paged cache [num_blocks, Hkv, bs, D], built a few sequences at a time."""
+    import cupy
+
+    out = cupy.empty((batch, KV_HEADS, blocks_per_seq * BLOCK, HEAD_DIM), dtype=cache.dtype)
+    per = max(1, (1 << 30) // (blocks_per_seq * KV_HEADS * BLOCK * HEAD_DIM * cache.itemsize))
+    for b0 in range(0, batch, per):
+        b1 = min(batch, b0 + per)
+        idx = cupy.asarray(tables[b0:b1].reshape(-1))
+        tiles = cache[idx].reshape(b1 - b0, blocks_per_seq, KV_HEADS, BLOCK, HEAD_DIM)
+        out[b0:b1] = tiles.transpose(0, 2, 1, 3, 4).reshape(b1 - b0, KV_HEADS, -1, HEAD_DIM)
+        del tiles
+    return out
+
+
+def torch_peer(sets, batch: int, ctx: int, repeat: int) -> dict:
+    """GPU ms per call of torch SDPA (flash, cuDNN) over the contiguous sets [(q, k, v)], from a CUDA graph."""
     try:
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,31 +119,82 @@ def torch_peer(q_np, k, v, batch: int, ctx: int) -> dict:
         return {}
     import cupy
 
-    out = {}
-    tq = torch.from_dlpack(q_np).view(batch, HEADS, 1, HEAD_DIM)
-    tk = torch.from_dlpack(k).view(batch, KV_HEADS, ctx, HEAD_DIM)
-    tv = torch.from_dlpack(v).view(batch, KV_HEADS, ctx, HEAD_DIM)
+    tsets = [(torch.from_dlpack(q).view(batch, HEADS, 1, HEAD_DIM), torch.from_dlpack(k), torch.from_dlpack(v))
+             for q, k, v in sets]
+    results = {}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def call(i):
+            q, k, v = tsets[i]
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         try:
             with sdpa_kernel(backend):
-                fn = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)  # noqa
-                fn()
+                for i in range(len(tsets)):  # warm-up outside the graph (kernel selection, workspaces)
+                    call(i)
                 torch.cuda.synchronize()
-                out[name] = median_ms(fn)
+                start.record()
+                for i in range(len(tsets)):
+                    call(i)
+                stop.record()
+                stop.synchronize()
+                est = start.elapsed_time(stop) / len(tsets)
         except Exception as exc:  # a backend that does not take these shapes
-            out[name] = None
-            print(f"torch {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            results[name] = None
+            print(f"torch {name} {batch}x{ctx}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+            continue
+        try:
+            with sdpa_kernel(backend):
+                rounds = min(max(1, math.ceil(1.0 / max(est, 1e-3) / len(tsets))), max(1, 400 // len(tsets)))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(rounds):
+                        for i in range(len(tsets)):
+                            call(i)
+                calls = rounds * len(tsets)
+                for _ in range(3):
+                    graph.replay()
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(repeat):
+                    start.record()
+                    graph.replay()
+                    stop.record()
+                    stop.synchronize()
+                    times.append(start.elapsed_time(stop) / calls)
+                del graph
+        except Exception as exc:  # capture refused: time eager launches back to back instead
+            print(f"torch {name} {batch}x{ctx}: no graph ({type(exc).__name__}: {str(exc)[:160]}), eager timing",
+                  file=sys.stderr)
+            name += "_eager"
+            torch.cuda.synchronize()
+            times = []
+            with sdpa_kernel(backend):
+                for _ in range(repeat):
+                    start.record()
+                    for i in range(len(tsets)):
+                        call(i)
+                    stop.record()
+                    stop.synchronize()
+                    times.append(start.elapsed_time(stop) / len(tsets))
+        results[name] = float(np.median(times))
+        torch.cuda.synchronize()
+    tsets.clear()
+    torch.cuda.empty_cache()
     cupy.cuda.Device().synchronize()
-    return out
+    return results
 
 
 @click.command()
 @click.option("--batches", default="1,8,64,256", show_default=True)
 @click.option("--contexts", default="512,2048,8192,32768", show_default=True)
-@click.option("--max-gb", default=17.5, show_default=True,
-              help="Skip cells whose K/V exceeds this (the peer needs a contiguous copy too).")
+@click.option("--max-gb", default=40.0, show_default=True, help="Skip cells whose K/V exceeds this many GB.")
+@click.option("--repeat", default=20, show_default=True, help="Timed graph launches per measurement (median).")
+@click.option("--peers/--no-peers", default=True, show_default=True, help="Time torch SDPA on the same K/V.")
+@click.option("--sweep/--no-sweep", default=False, show_default=True, help="Also time every partition size.")
 @click.option("--json", "json_path", default=None)
-def main(batches: str, contexts: str, max_gb: float, json_path: str | None) -> None:
+def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, sweep: bool,
+         json_path: str | None) -> None:
     import cupy
 
     from cupaged import device
@@ -87,52 +204,91 @@ def main(batches: str, contexts: str, max_gb: float, json_path: str | None) -> N
 
     device.set_device("cuda")
     bf16 = resolve_dtype("bfloat16")
-    copy_gbs = copy_bandwidth()
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    copy = copy_bandwidth(repeat)
+    copy_gbs = copy["copy_gb_s"]
+    kv_gb = lambda b, c: 2 * b * c * KV_HEADS * HEAD_DIM * 2 / 1e9  # noqa: E731
     cells = [(b, c) for b in map(int, batches.split(",")) for c in map(int, contexts.split(","))
-             if 2 * b * c * KV_HEADS * HEAD_DIM * 2 / 1e9 <= max_gb]
+             if kv_gb(b, c) <= max_gb]
     rows = []
     rng = np.random.default_rng(0)
     with click.progressbar(cells, label="decode attention", file=sys.stderr) as bar:
         for batch, ctx in bar:
             blocks_per_seq = ctx // BLOCK
             num_blocks = batch * blocks_per_seq
-            k_cache = cupy.random.standard_normal((num_blocks, KV_HEADS, BLOCK, HEAD_DIM), dtype=cupy.float32)
-            k_cache = k_cache.astype(bf16)
-            v_cache = cupy.random.standard_normal(k_cache.shape, dtype=cupy.float32).astype(k_cache.dtype)
-            tables = rng.permutation(num_blocks).reshape(batch, blocks_per_seq)
-            meta = AttentionMetadata.build([1] * batch, [ctx] * batch, tables.tolist(), BLOCK, cupy)
-            q = cupy.random.standard_normal((batch, HEADS, HEAD_DIM), dtype=cupy.float32).astype(k_cache.dtype)
-            out = cupy.empty_like(q)
-            fn = lambda: cuda_ops.paged_decode_attention(out, q, k_cache, v_cache, meta.block_tables,  # noqa
-                                                         meta.seq_lens, ctx, HEAD_DIM ** -0.5)
-            ms = median_ms(fn)
-            nbytes = k_cache.nbytes + v_cache.nbytes + q.nbytes + out.nbytes
-            row = {"batch": batch, "context": ctx, "kv_gb": (k_cache.nbytes + v_cache.nbytes) / 1e9, "ms": ms,
-                   "gb_s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / ms / 1e6 / copy_gbs}
-            # the peer reads the same K/V laid out contiguously per sequence
-            order = cupy.asarray(tables.reshape(-1))
-            k_contig = cupy.ascontiguousarray(k_cache[order].reshape(batch, blocks_per_seq, KV_HEADS, BLOCK,
-                                              HEAD_DIM).transpose(0, 2, 1, 3, 4))
-            v_contig = cupy.ascontiguousarray(v_cache[order].reshape(batch, blocks_per_seq, KV_HEADS, BLOCK,
-                                              HEAD_DIM).transpose(0, 2, 1, 3, 4))
-            peer = torch_peer(q, k_contig, v_contig, batch, ctx)
-            for name, t in peer.items():
-                row[f"torch_{name}_ms"] = t
-                row[f"torch_{name}_fraction"] = nbytes / t / 1e6 / copy_gbs if t else None
+            kv_bytes = 2 * num_blocks * KV_HEADS * BLOCK * HEAD_DIM * 2
+            nsets = max(1, math.ceil(ROTATE_BYTES / kv_bytes))
+            sets = []
+            for s in range(nsets):
+                k_cache = random_bf16((num_blocks, KV_HEADS, BLOCK, HEAD_DIM), bf16, 2 * s + 1)
+                v_cache = random_bf16((num_blocks, KV_HEADS, BLOCK, HEAD_DIM), bf16, 2 * s + 2)
+                tables = rng.permutation(num_blocks).reshape(batch, blocks_per_seq).astype(np.int32)
+                meta = AttentionMetadata.build([1] * batch, [ctx] * batch, tables.tolist(), BLOCK, cupy)
+                q = random_bf16((batch, HEADS, HEAD_DIM), bf16, 1000 + s)
+                sets.append({"k": k_cache, "v": v_cache, "tables": tables, "meta": meta, "q": q,
+                             "out": cupy.empty_like(q)})
+
+            def ours(partition=None):
+                def make(st):
+                    return lambda: cuda_ops.paged_decode_attention(
+                        st["out"], st["q"], st["k"], st["v"], st["meta"].block_tables, st["meta"].seq_lens, ctx,
+                        HEAD_DIM ** -0.5, partition=partition)
+                return [make(st) for st in sets]
+
+            ms, calls = graph_ms(ours(), repeat)
+            nbytes = kv_bytes + 2 * sets[0]["q"].nbytes
+            work = batch * KV_HEADS
+            name = f"paged_decode_tc<__nv_bfloat16, {HEAD_DIM}, {HEADS // KV_HEADS}>"
+            occupancy = cuda_ops._ctas_per_sm(name, 4 * (cuda_ops.TC_PARTITION_MAX // 8 + 2))
+            partition = cuda_ops.decode_partition(work, ctx, occupancy)
+            row = {"batch": batch, "context": ctx, "kv_gb": kv_bytes / 1e9, "sets": nsets, "calls_per_graph": calls,
+                   "partition": partition, "splits": math.ceil(ctx / partition), "ctas_per_sm": occupancy,
+                   "ms": ms, "gb_s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / ms / 1e6 / copy_gbs}
+            if sweep:
+                row["sweep_ms"] = {}
+                for p in (128, 256, 512, 1024, 2048, 4096):
+                    if p <= max(128, ctx):
+                        row["sweep_ms"][p] = graph_ms(ours(p), max(5, repeat // 2))[0]
+            if peers:
+                # the peer reads the same K/V laid out contiguously per sequence; ours is done with the paged copy
+                peer_sets = []
+                for st in sets:
+                    k_contig = contiguous_kv(st["k"], st["tables"], batch, blocks_per_seq)
+                    del st["k"]
+                    v_contig = contiguous_kv(st["v"], st["tables"], batch, blocks_per_seq)
+                    del st["v"]
+                    cupy.get_default_memory_pool().free_all_blocks()
+                    peer_sets.append((st["q"], k_contig, v_contig))
+                for name_, t in torch_peer(peer_sets, batch, ctx, repeat).items():
+                    row[f"torch_{name_}_ms"] = t
+                    row[f"torch_{name_}_fraction"] = nbytes / t / 1e6 / copy_gbs if t else None
+                del peer_sets
             rows.append(row)
-            del k_cache, v_cache, k_contig, v_contig
+            sets.clear()
             cupy.get_default_memory_pool().free_all_blocks()
+    result = {"device": props["name"].decode(), "sms": props["multiProcessorCount"], **copy,
+              "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "dtype": "bfloat16",
+              "timing": "GPU ms per call from CUDA events around a CUDA graph of calls; median of "
+                        f"{repeat} graph launches", "rows": rows}
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"copy_gb_s": copy_gbs, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                       "rows": rows}, f, indent=2)
-    click.echo(f"device-to-device copy: {copy_gbs:.0f} GB/s")
-    click.echo(f"{'batch':>5} {'ctx':>6} {'KV GB':>7} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'flash':>7} {'cudnn':>7}")
+            json.dump(result, f, indent=2)
+    click.echo(f"{result['device']}: device-to-device copy {copy_gbs:.0f} GB/s (read + write; elementwise "
+               f"{copy['copy_kernel_gb_s']:.0f}, cudaMemcpy {copy['copy_memcpy_gb_s']:.0f})")
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    click.echo(f"{'batch':>5} {'ctx':>6} {'KV GB':>7} {'us':>9} {'GB/s':>6} {'of copy':>7} {'part':>5} "
+               f"{'flash':>6} {'cudnn':>6}")
     for r in rows:
-        flash, cudnn = r.get("torch_flash_fraction"), r.get("torch_cudnn_fraction")
-        click.echo(f"{r['batch']:>5} {r['context']:>6} {r['kv_gb']:>7.3f} {r['ms']:>8.4f} {r['gb_s']:>7.0f} "
-                   f"{r['fraction_of_copy']:>8.2f} {flash if flash is None else f'{flash:.2f}':>7} "
-                   f"{cudnn if cudnn is None else f'{cudnn:.2f}':>7}")
+        click.echo(f"{r['batch']:>5} {r['context']:>6} {r['kv_gb']:>7.3f} {r['ms'] * 1e3:>9.1f} {r['gb_s']:>6.0f} "
+                   f"{r['fraction_of_copy']:>7.2f} {r['partition']:>5} {fmt(r.get('torch_flash_fraction')):>6} "
+                   f"{fmt(r.get('torch_cudnn_fraction')):>6}")
+    if sweep:
+        click.echo("sweep (us per call by partition size):")
+        for r in rows:
+            best = min(r["sweep_ms"], key=r["sweep_ms"].get)
+            click.echo(f"{r['batch']:>5} {r['context']:>6} heuristic {r['partition']:>5}: {r['ms'] * 1e3:.1f}  best "
+                       f"{best}: {r['sweep_ms'][best] * 1e3:.1f}  | "
+                       + " ".join(f"{p}:{t * 1e3:.1f}" for p, t in r["sweep_ms"].items()))
 
 
 if __name__ == "__main__":

@@ -1,32 +1,282 @@
-// Paged decode attention: one query token per sequence against its K/V in the paged cache.
+// Paged decode attention: one query token per sequence against its K/V in the paged cache
+// ([num_blocks, num_kv_heads, block_size, HEAD_DIM] per layer, "HND"), split-k over long contexts.
 //
-// Grid (splits, head chunks, sequences). A CTA takes HEADS query heads that share one KV head (all of the group
-// when it has 8 or fewer) and one partition of `partition` consecutive tokens, so each K/V tile is read once and
-// used by every query head of the group. Thread layout: a token's head_dim-wide K (or V) row is read by TPT
-// threads, 16 bytes each; a CTA covers THREADS / TPT tokens at once, UNROLL times over before using the data.
-// Three passes over the partition: scores q.k into shared memory, softmax statistics, then p.V. With more than
-// one partition per sequence (long contexts, small batches: the host picks `partition` to fill the SMs), each
-// CTA writes a normalised partial output with its max and sum, and paged_decode_reduce combines them.
+// Work decomposition (both kernels). A CTA takes one sequence, one KV head with HEADS of its query heads (the whole
+// GQA group when it has 8 or fewer heads), and one partition of `partition` consecutive tokens: every K/V tile is
+// read once and used by all HEADS query heads. Grid: x = kv head * head_chunks + chunk (the chunks of one KV
+// head run side by side and share the tiles through L2), y = partition, z = sequence. The host picks `partition`
+// so that sequences x KV heads x partitions fill the SMs. A sequence whose context fits one partition gets its
+// output written directly; otherwise each CTA writes an unnormalised partial output with its running max (log2
+// domain) and sum, and paged_decode_reduce combines the partitions (FlashInfer / vLLM v2 style).
+//
+// paged_decode_tc (fp16, bf16; HEAD_DIM 64/128/256): tensor cores (mma.sync m16n8k16, fp32 accumulation).
+// 4 warps; warp w takes the 16-token steps w, w+4, ... of the partition, with its own online softmax, and the
+// 4 warps are merged through shared memory at the end (no barrier in the main loop). Per step a lane issues all
+// its 16-byte loads (2 K rows, 4 V rows) before any math:
+//   S[h][t] = Q K^T    A = Q (rows = the HEADS query heads, padded to 16 with zeros), B = K^T straight from the
+//                      K rows' 16-byte loads (lane l holds token l/4); the head_dim order inside each k-step is
+//                      permuted so that the loads stay coalesced; Q is loaded in the same permuted order.
+//   online softmax     on the accumulator fragment (lane holds head l/4, tokens 2(l%4)+{0,1}, +8): max over the
+//                      4 lanes of a head by shuffles, p = exp2(s * scale * log2 e - m)
+//   O^T[d][h] += V^T P^T  A = V^T built from the V rows with byte permutes (lane loads tokens 2(l%4)+{0,1,8,9}),
+//                      B = P^T, which is exactly the S fragment re-packed to 16 bits: P never leaves registers.
+// paged_decode_simt (any of fp32/fp16/bf16; head_dim/vector a power of two <= 32): CUDA cores; the fallback for
+// fp32 and for the shapes the tensor-core kernel does not take. Scores go through shared memory.
 #include "common.cuh"
 using namespace cupaged;
 
-constexpr int THREADS = 128, WARPS = THREADS / 32;
+namespace {
 
+constexpr int THREADS = 128, WARPS = THREADS / 32, STEP = 16;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }  // NVRTC has no math.h
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// 16 bytes from global memory that this kernel reads once: no L1 allocation.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tensor-core decode kernel. block_size = 1 << bs_log2. Dynamic shared memory: (partition >> bs_log2) + 2 ints.
+template <typename T, int HEAD_DIM, int HEADS>
+__global__ void __launch_bounds__(THREADS, HEAD_DIM <= 128 ? 3 : 2)
+paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
+                const T* __restrict__ q, long long q_stride, const T* __restrict__ k_cache,
+                const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
+                const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int bs_log2,
+                int partition, int max_splits, float scale_log2) {
+    static_assert(HEAD_DIM % 64 == 0 && HEADS >= 1 && HEADS <= 8, "HEAD_DIM in 64/128/256, up to 8 heads a CTA");
+    constexpr int KC = HEAD_DIM / 32;  // 16-byte K (and Q) chunks a lane holds per token row
+    constexpr int VC = HEAD_DIM / 64;  // 16-byte V chunks a lane holds per token row
+    constexpr int KSTEPS = HEAD_DIM / 16, MTILES = HEAD_DIM / 16;
+    constexpr bool V_EARLY = HEAD_DIM <= 128;
+    const int kvh = blockIdx.x / head_chunks, chunk = blockIdx.x % head_chunks;
+    const int split = blockIdx.y, b = blockIdx.z;
+    const int seq_len = seq_lens[b], start = split * partition;
+    if (start >= seq_len) return;  // the reducer only reads the partitions that hold tokens
+    const int end = min(start + partition, seq_len);
+    const bool single = partition >= seq_len;
+    const int head0 = kvh * group + chunk * HEADS, num_heads = num_kv_heads * group;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, q4 = lane % 4;
+    const int bs = 1 << bs_log2, first_block = start >> bs_log2;
+    const int num_table = ((end - 1) >> bs_log2) - first_block + 1;
+
+    extern __shared__ int s_table[];                          // physical blocks of this partition
+    __shared__ float s_acc[WARPS][HEADS][HEAD_DIM + 4];       // per-warp partial outputs, merged at the end
+    __shared__ float s_m[WARPS][HEADS], s_l[WARPS][HEADS];
+
+    const int* table = block_tables + (long long)b * max_blocks + first_block;
+    for (int i = tid; i < num_table; i += THREADS) s_table[i] = table[i];
+
+    // Q fragment rows: lane holds head g's chunks 4i + q4 (the same permuted head_dim order as the K rows)
+    unsigned qa[KC][4];
+#pragma unroll
+    for (int i = 0; i < KC; ++i) {
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (g < HEADS) v = *reinterpret_cast<const uint4*>(q + b * q_stride + (long long)(head0 + g) * HEAD_DIM
+                                                           + (4 * i + q4) * 8);
+        qa[i][0] = v.x; qa[i][1] = v.y; qa[i][2] = v.z; qa[i][3] = v.w;
+    }
+    __syncthreads();
+
+    const long long block_stride = (long long)num_kv_heads * bs * HEAD_DIM;
+    const long long head_offset = (long long)kvh * bs * HEAD_DIM;
+    auto row = [&](const T* cache, int t) {
+        return cache + s_table[(t >> bs_log2) - first_block] * block_stride + head_offset
+               + (long long)(t & (bs - 1)) * HEAD_DIM;
+    };
+
+    float acc[MTILES][4];
+#pragma unroll
+    for (int j = 0; j < MTILES; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    float m_run = neg_inf(), l_run = 0.f;  // head g's running max (log2 domain) and this lane's share of the sum
+
+    for (int base = start + warp * STEP; base < end; base += WARPS * STEP) {  // warp-uniform bounds
+        // ---- loads: K rows base + g and base + 8 + g; V rows base + 2 q4 + {0, 1, 8, 9} ----
+        unsigned kr[2][KC][4], vr[4][VC][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            const int t = base + nt * 8 + g;
+            if (t < end) {
+                const T* p = row(k_cache, t);
+#pragma unroll
+                for (int i = 0; i < KC; ++i) {
+                    const uint4 v = ld_stream(p + (4 * i + q4) * 8);
+                    kr[nt][i][0] = v.x; kr[nt][i][1] = v.y; kr[nt][i][2] = v.z; kr[nt][i][3] = v.w;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < KC; ++i) kr[nt][i][0] = kr[nt][i][1] = kr[nt][i][2] = kr[nt][i][3] = 0u;
+            }
+        }
+        auto load_v = [&]() {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int t = base + 2 * q4 + (r & 1) + (r >> 1) * 8;
+                if (t < end) {  // a token past the end is never read: stale cache slots may hold NaN
+                    const T* p = row(v_cache, t);
+#pragma unroll
+                    for (int c = 0; c < VC; ++c) {
+                        const uint4 v = ld_stream(p + (8 * c + g) * 8);
+                        vr[r][c][0] = v.x; vr[r][c][1] = v.y; vr[r][c][2] = v.z; vr[r][c][3] = v.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int c = 0; c < VC; ++c) vr[r][c][0] = vr[r][c][1] = vr[r][c][2] = vr[r][c][3] = 0u;
+                }
+            }
+        };
+        if constexpr (V_EARLY) load_v();  // all of the step's loads in flight at once
+        // ---- S = Q K^T: two n-tiles of 8 tokens ----
+        float s[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+            for (int k = 0; k < KSTEPS; ++k) {
+                const int i = k / 2, r = (k % 2) * 2;
+                Mma<T>::mma(s[nt], qa[i][r], 0u, qa[i][r + 1], 0u, kr[nt][i][r], kr[nt][i][r + 1]);
+            }
+        }
+        // lane holds S[head g][token base + 8 nt + 2 q4 + e] in s[nt][e], e = 0, 1 (s[nt][2..3]: padding rows)
+        float mx = neg_inf();
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int t = base + nt * 8 + 2 * q4 + e;
+                s[nt][e] = t < end ? s[nt][e] * scale_log2 : neg_inf();
+                mx = fmaxf(mx, s[nt][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run, mx);  // finite: every step holds at least one token
+        const float alpha = fast_exp2(m_run - m_new);
+        m_run = m_new;
+        float p[2][2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) p[nt][e] = fast_exp2(s[nt][e] - m_new);
+        l_run = l_run * alpha + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+        // the accumulator holds heads 2 q4 and 2 q4 + 1: their rescaling factors live in lanes 8 q4 and 8 q4 + 4
+        const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * q4);
+        const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * q4 + 4);
+        const unsigned pb0 = Mma<T>::pack(p[0][0], p[0][1]), pb1 = Mma<T>::pack(p[1][0], p[1][1]);
+
+        if constexpr (!V_EARLY) load_v();  // head_dim 256: registers allow only K or V ahead of the math
+        // ---- O^T += V^T P^T: m-tile j covers head_dim entries 64 (j/4) + 8 g + 2 (j%4) + {0 (row g), 1 (row g+8)}
+#pragma unroll
+        for (int j = 0; j < MTILES; ++j) {
+            const int c = j / 4, r = j % 4;
+            const unsigned a0 = __byte_perm(vr[0][c][r], vr[1][c][r], 0x5410);
+            const unsigned a1 = __byte_perm(vr[0][c][r], vr[1][c][r], 0x7632);
+            const unsigned a2 = __byte_perm(vr[2][c][r], vr[3][c][r], 0x5410);
+            const unsigned a3 = __byte_perm(vr[2][c][r], vr[3][c][r], 0x7632);
+            acc[j][0] *= alpha0; acc[j][1] *= alpha1; acc[j][2] *= alpha0; acc[j][3] *= alpha1;
+            Mma<T>::mma(acc[j], a0, a1, a2, a3, pb0, pb1);
+        }
+    }
+
+    // ---- merge the warps: each writes its (m, l, O) for heads < HEADS ----
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    if (q4 == 0 && g < HEADS) { s_m[warp][g] = m_run; s_l[warp][g] = l_run; }
+#pragma unroll
+    for (int j = 0; j < MTILES; ++j) {
+        const int d = 64 * (j / 4) + 8 * g + 2 * (j % 4), h0 = 2 * q4, h1 = 2 * q4 + 1;
+        if (h0 < HEADS) { s_acc[warp][h0][d] = acc[j][0]; s_acc[warp][h0][d + 1] = acc[j][2]; }
+        if (h1 < HEADS) { s_acc[warp][h1][d] = acc[j][1]; s_acc[warp][h1][d + 1] = acc[j][3]; }
+    }
+    __syncthreads();
+    constexpr int VEC = 4;
+    for (int idx = tid; idx < HEADS * HEAD_DIM / VEC; idx += THREADS) {
+        const int h = idx / (HEAD_DIM / VEC), d = (idx % (HEAD_DIM / VEC)) * VEC;
+        float m = neg_inf();
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) m = fmaxf(m, s_m[w][h]);
+        float o[VEC] = {0.f, 0.f, 0.f, 0.f}, l = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float e = fast_exp2(s_m[w][h] - m);  // 0 for a warp that had no tokens
+            l += e * s_l[w][h];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) o[i] += e * s_acc[w][h][d + i];
+        }
+        const long long orow = (long long)b * num_heads + head0 + h;
+        if (single) {
+            const float inv = 1.f / l;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) out[orow * HEAD_DIM + d + i] = from_float<T>(o[i] * inv);
+        } else {
+            const long long prow = orow * max_splits + split;
+            *reinterpret_cast<float4*>(part_out + prow * HEAD_DIM + d) = make_float4(o[0], o[1], o[2], o[3]);
+            if (d == 0) part_ml[prow] = make_float2(m, l);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// CUDA-core decode kernel (fp32, and shapes the tensor-core kernel does not take). A token's head_dim-wide K (or V)
+// row is read by TPT threads, 16 bytes each; a CTA covers THREADS / TPT tokens at once, UNROLL times over before
+// using the data. Three passes over the partition: scores q.k into shared memory, softmax statistics, then p.V.
+// Dynamic shared memory: 4 * max(HEADS * partition, WARPS * HEADS * HEAD_DIM) bytes.
 template <typename T, int HEAD_DIM, int HEADS>
 __global__ void __launch_bounds__(THREADS)
-paged_decode_attention(T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
-                       float* __restrict__ part_sum, const T* __restrict__ q, long long q_stride,
-                       const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                       const int* __restrict__ block_tables, int max_blocks, const int* __restrict__ seq_lens,
-                       int num_kv_heads, int group, int block_size, int partition, float scale) {
+paged_decode_simt(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
+                  const T* __restrict__ q, long long q_stride, const T* __restrict__ k_cache,
+                  const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
+                  const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int block_size,
+                  int partition, int max_splits, float scale_log2) {
     constexpr int N = Vec<T>::N, TPT = HEAD_DIM / N, TOKENS = THREADS / TPT;
     constexpr int UNROLL = HEADS * N <= 32 ? 8 : 4;  // loads in flight per thread, as registers allow
     static_assert(TPT <= 32 && 32 % TPT == 0, "a K row must be read by a power-of-two part of one warp");
-    const int split = blockIdx.x, b = blockIdx.z, num_splits = gridDim.x;
-    const int head0 = blockIdx.y * HEADS, kvh = head0 / group, num_heads = num_kv_heads * group;
+    const int kvh = blockIdx.x / head_chunks, chunk = blockIdx.x % head_chunks;
+    const int split = blockIdx.y, b = blockIdx.z;
+    const int head0 = kvh * group + chunk * HEADS, num_heads = num_kv_heads * group;
     const int seq_len = seq_lens[b], start = split * partition;
-    if (start >= seq_len) return;  // the reducer only reads the partitions that hold tokens
+    if (start >= seq_len) return;
     const int end = min(start + partition, seq_len), n = end - start;
+    const bool single = partition >= seq_len;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, tok_lane = tid % TPT, tok_group = tid / TPT;
     extern __shared__ float smem[];  // scores [HEADS][partition]; later partial sums [WARPS][HEADS][HEAD_DIM]
     __shared__ float s_max[HEADS], s_sum[HEADS];
@@ -36,7 +286,7 @@ paged_decode_attention(T* __restrict__ out, float* __restrict__ part_out, float*
     for (int g = 0; g < HEADS; ++g) {
         load_vec(q + b * q_stride + (long long)(head0 + g) * HEAD_DIM + tok_lane * N, qv[g]);
 #pragma unroll
-        for (int i = 0; i < N; ++i) qv[g][i] *= scale;
+        for (int i = 0; i < N; ++i) qv[g][i] *= scale_log2;  // scores in the log2 domain
     }
     const int* table = block_tables + (long long)b * max_blocks;
     const long long head_offset = (long long)kvh * block_size * HEAD_DIM + tok_lane * N;
@@ -73,14 +323,14 @@ paged_decode_attention(T* __restrict__ out, float* __restrict__ part_out, float*
     }
     __syncthreads();
 
-    // pass 2: softmax statistics; scores become exp(score - max)
+    // pass 2: softmax statistics; scores become exp2(score - max)
     for (int g = warp; g < HEADS; g += WARPS) {
-        float m = __int_as_float(0xff800000)  /* -inf; NVRTC has no math.h */;
+        float m = neg_inf();
         for (int i = lane; i < n; i += 32) m = fmaxf(m, smem[g * partition + i]);
         m = warp_max(m);
         float s = 0.f;
         for (int i = lane; i < n; i += 32) {
-            const float e = __expf(smem[g * partition + i] - m);
+            const float e = fast_exp2(smem[g * partition + i] - m);
             smem[g * partition + i] = e;
             s += e;
         }
@@ -139,51 +389,76 @@ paged_decode_attention(T* __restrict__ out, float* __restrict__ part_out, float*
         float sum = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += smem[(w * HEADS + g) * HEAD_DIM + d];
-        const long long row = (long long)b * num_heads + head0 + g;
-        if (num_splits == 1) {
-            out[row * HEAD_DIM + d] = from_float<T>(sum / s_sum[g]);
+        const long long orow = (long long)b * num_heads + head0 + g;
+        if (single) {
+            out[orow * HEAD_DIM + d] = from_float<T>(sum / s_sum[g]);
         } else {
-            part_out[(row * num_splits + split) * HEAD_DIM + d] = sum / s_sum[g];
-            if (d == 0) {
-                part_max[row * num_splits + split] = s_max[g];
-                part_sum[row * num_splits + split] = s_sum[g];
-            }
+            const long long prow = orow * max_splits + split;
+            part_out[prow * HEAD_DIM + d] = sum;
+            if (d == 0) part_ml[prow] = make_float2(s_max[g], s_sum[g]);
         }
     }
 }
 
-// Combine the partitions of each (sequence, head): weights sum_s * exp(max_s - max). Grid (heads, sequences).
+// ---------------------------------------------------------------------------------------------------------------
+// Combine the partitions of each (sequence, head): out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
+// Grid (heads, sequences), THREADS threads: HEAD_DIM / 4 lanes per float4 of the row, the rest take every
+// GROUPS-th partition; sequences with a single partition were written by the attention kernel.
 template <typename T, int HEAD_DIM>
-__global__ void paged_decode_reduce(T* __restrict__ out, const float* __restrict__ part_out,
-                                    const float* __restrict__ part_max, const float* __restrict__ part_sum,
-                                    const int* __restrict__ seq_lens, int partition, int buffer_splits) {
-    const int h = blockIdx.x, b = blockIdx.y, num_heads = gridDim.x;
-    extern __shared__ float weight[];  // [buffer_splits]
-    __shared__ float s_total;
+__global__ void __launch_bounds__(THREADS)
+paged_decode_reduce(T* __restrict__ out, const float* __restrict__ part_out, const float2* __restrict__ part_ml,
+                    const int* __restrict__ seq_lens, int partition, int max_splits) {
+    constexpr int VECS = HEAD_DIM / 4, GROUPS = THREADS / VECS;
+    static_assert(THREADS % VECS == 0 && GROUPS >= 1, "HEAD_DIM up to 512");
+    const int h = blockIdx.x, b = blockIdx.y, num_heads = gridDim.x, tid = threadIdx.x;
+    const int splits = (seq_lens[b] + partition - 1) / partition;
+    if (splits <= 1) return;
     const long long row = (long long)b * num_heads + h;
-    const int splits = (seq_lens[b] + partition - 1) / partition;  // partitions that hold tokens
-    if (threadIdx.x == 0) {
-        float m = __int_as_float(0xff800000)  /* -inf; NVRTC has no math.h */;
-        for (int s = 0; s < splits; ++s) m = fmaxf(m, part_max[row * buffer_splits + s]);
-        float total = 0.f;
-        for (int s = 0; s < splits; ++s) {
-            weight[s] = part_sum[row * buffer_splits + s] * __expf(part_max[row * buffer_splits + s] - m);
-            total += weight[s];
-        }
-        s_total = total;
-    }
+    const float2* ml = part_ml + row * max_splits;
+    __shared__ float s_red[WARPS];
+    __shared__ float s_o[GROUPS][HEAD_DIM];
+
+    float m = neg_inf();
+    for (int s = tid; s < splits; s += THREADS) m = fmaxf(m, ml[s].x);
+    m = warp_max(m);
+    if (tid % 32 == 0) s_red[tid / 32] = m;
     __syncthreads();
-    for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
-        float v = 0.f;
-        for (int s = 0; s < splits; ++s) v += weight[s] * part_out[(row * buffer_splits + s) * HEAD_DIM + d];
-        out[row * HEAD_DIM + d] = from_float<T>(v / s_total);
+    m = s_red[0];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) m = fmaxf(m, s_red[w]);
+    float l = 0.f;
+    for (int s = tid; s < splits; s += THREADS) l += fast_exp2(ml[s].x - m) * ml[s].y;
+    l = warp_sum(l);
+    __syncthreads();  // everyone has read s_red
+    if (tid % 32 == 0) s_red[tid / 32] = l;
+
+    const int v = tid % VECS, grp = tid / VECS;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = grp; s < splits; s += GROUPS) {
+        const float w = fast_exp2(ml[s].x - m);
+        const float4 x = *reinterpret_cast<const float4*>(part_out + (row * max_splits + s) * HEAD_DIM + 4 * v);
+        o.x += w * x.x; o.y += w * x.y; o.z += w * x.z; o.w += w * x.w;
+    }
+    s_o[grp][4 * v] = o.x; s_o[grp][4 * v + 1] = o.y; s_o[grp][4 * v + 2] = o.z; s_o[grp][4 * v + 3] = o.w;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += s_red[w];
+    const float inv = 1.f / total;
+    for (int d = tid; d < HEAD_DIM; d += THREADS) {
+        float sum = 0.f;
+#pragma unroll
+        for (int gi = 0; gi < GROUPS; ++gi) sum += s_o[gi][d];
+        out[row * HEAD_DIM + d] = from_float<T>(sum * inv);
     }
 }
 
 #ifdef CUPAGED_NVCC_CHECK
-template __global__ void paged_decode_attention<__nv_bfloat16, 128, 4>(__nv_bfloat16*, float*, float*, float*, const __nv_bfloat16*, long long, const __nv_bfloat16*, const __nv_bfloat16*, const int*, int, const int*, int, int, int, int, float);
-template __global__ void paged_decode_attention<__half, 64, 8>(__half*, float*, float*, float*, const __half*, long long, const __half*, const __half*, const int*, int, const int*, int, int, int, int, float);
-template __global__ void paged_decode_attention<float, 128, 2>(float*, float*, float*, float*, const float*, long long, const float*, const float*, const int*, int, const int*, int, int, int, int, float);
-template __global__ void paged_decode_attention<__nv_bfloat16, 256, 8>(__nv_bfloat16*, float*, float*, float*, const __nv_bfloat16*, long long, const __nv_bfloat16*, const __nv_bfloat16*, const int*, int, const int*, int, int, int, int, float);
-template __global__ void paged_decode_reduce<__nv_bfloat16, 128>(__nv_bfloat16*, const float*, const float*, const float*, const int*, int, int);
+#define TC(T, D, H) template __global__ void paged_decode_tc<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, int, int, float);
+#define SIMT(T, D, H) template __global__ void paged_decode_simt<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, int, int, float);
+#define RED(T, D) template __global__ void paged_decode_reduce<T, D>(T*, const float*, const float2*, const int*, int, int);
+TC(__nv_bfloat16, 128, 4) TC(__nv_bfloat16, 128, 8) TC(__half, 64, 1) TC(__half, 128, 2) TC(__nv_bfloat16, 256, 8)
+SIMT(float, 128, 4) SIMT(float, 64, 8) SIMT(__half, 256, 2)
+RED(__nv_bfloat16, 128) RED(float, 64) RED(__half, 256)
 #endif

@@ -1,20 +1,30 @@
 """Compiling the CUDA kernels in cuda/ with NVRTC through cupy.RawModule.
 
-Kernels are C++ templates over the element type (and sizes known per model); each instantiation is compiled
-on first use through `name_expressions` for the current device's architecture (CuPy picks it and keeps
-compiled binaries in its on-disk cache) and kept for the process. A compile error names the file and carries
-NVRTC's log, whose lines give the line numbers.
+Kernels are C++ templates over the element type (and sizes known per model); each instantiation is compiled on
+first use through `name_expressions`, for the current device's architecture (`-arch=sm_XY` from its compute
+capability), and kept for the process (functools.cache on (file, names, options, arch)). CuPy keeps the compiled
+binaries in its on-disk cache, keyed by the source text: so that an edit to a shared header reaches that key,
+the loader inlines the repo's own `#include "..."` files (with `#line` markers, so NVRTC's messages still name
+the right file and line). A compile error is raised as KernelCompileError naming the file, the instantiation
+and NVRTC's log.
+
+Sources are looked for in $CUPAGED_CUDA_DIR when set (kernel development: try an edited copy without touching
+the tree), else in the repository's cuda/ directory, then in the package data directory cupaged/_cuda/.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 SOURCE_DIRS = [Path(__file__).resolve().parents[1] / "cuda", Path(__file__).resolve().parent / "_cuda"]
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+BASE_OPTIONS = ("--std=c++17",)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
 class KernelCompileError(RuntimeError):
@@ -22,7 +32,9 @@ class KernelCompileError(RuntimeError):
 
 
 def cuda_dir() -> Path:
-    for d in SOURCE_DIRS:
+    """The directory holding the .cu sources: $CUPAGED_CUDA_DIR, the repo's cuda/, else cupaged/_cuda/."""
+    override = os.environ.get("CUPAGED_CUDA_DIR")
+    for d in ([Path(override)] if override else []) + SOURCE_DIRS:
         if (d / "common.cuh").is_file():
             return d
     raise FileNotFoundError(f"cupaged's CUDA sources are missing (looked in {', '.join(map(str, SOURCE_DIRS))})")
@@ -36,15 +48,82 @@ def ctype(dtype: np.dtype) -> str:
         raise TypeError(f"no CUDA kernels for dtype {np.dtype(dtype).name}") from None
 
 
+def read_source(path: Path, _seen: frozenset = frozenset()) -> str:
+    """The text of `path` with its local `#include "x"` files inlined once each, between #line markers."""
+    if path in _seen:
+        return ""
+    seen = _seen | {path}
+    out = [f'#line 1 "{path.name}"']
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        m = _INCLUDE.match(line)
+        included = path.parent / m.group(1) if m else None
+        if included is not None and included.is_file():
+            out.append(read_source(included, seen))
+            out.append(f'#line {number + 1} "{path.name}"')
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
 @functools.cache
-def kernel(filename: str, name: str):
-    """The compiled kernel `name` (e.g. 'rms_norm<__nv_bfloat16>') from cuda/`filename`."""
+def device_arch() -> str:
+    """'XY' for the current device's compute capability X.Y, capped at what this NVRTC can target."""
     import cupy
 
-    directory = cuda_dir()
-    source = (directory / filename).read_text()
+    arch = cupy.cuda.Device().compute_capability
+    try:  # NVRTC older than the GPU: CuPy compiles for the newest arch it knows; do the same
+        from cupy.cuda import compiler
+
+        arch = min(arch, str(compiler._get_max_compute_capability()), key=int)
+    except Exception:
+        pass
+    return arch
+
+
+@functools.cache
+def include_options() -> tuple[str, ...]:
+    """-I options for the CUDA headers (cuda_fp16.h, cuda_bf16.h) when they are found; NVRTC has none built in."""
+    dirs: list[str] = []
     try:
-        module = cupy.RawModule(code=source, options=("--std=c++17", f"-I{directory}"), name_expressions=[name])
-        return module.get_function(name)
+        import cupy
+
+        path = cupy.cuda.get_cuda_path()
+        if path:
+            dirs.append(os.path.join(path, "include"))
+    except Exception:
+        pass
+    try:  # CUDA from pip wheels (cupy-cudaXXx[ctk]): cuda-pathfinder knows where the headers went
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            dirs.append(str(found))
+    except Exception:
+        pass
+    real = dict.fromkeys(os.path.realpath(d) for d in dirs if os.path.isfile(os.path.join(d, "cuda_fp16.h")))
+    return tuple(f"-I{d}" for d in real)
+
+
+@functools.cache
+def _module(filename: str, names: tuple[str, ...], options: tuple[str, ...], arch: str):
+    import cupy
+
+    path = cuda_dir() / filename
+    source = read_source(path)
+    opts = BASE_OPTIONS + options + (f"-arch=sm_{arch}",) + include_options()
+    try:
+        return cupy.RawModule(code=source, options=opts, name_expressions=list(names))
     except cupy.cuda.compiler.CompileException as exc:
-        raise KernelCompileError(f"{directory / filename}: compiling {name} failed:\n{exc}") from None
+        raise KernelCompileError(f"{path}: compiling {', '.join(names)} with {' '.join(opts)} failed:\n"
+                                 f"{exc.get_message() if hasattr(exc, 'get_message') else exc}") from None
+
+
+def module(filename: str, names: tuple[str, ...], options: tuple[str, ...] = ()):
+    """The RawModule of cuda/`filename` with the template instantiations `names`, compiled once per process."""
+    return _module(filename, tuple(names), tuple(options), device_arch())
+
+
+@functools.cache
+def kernel(filename: str, name: str, options: tuple[str, ...] = ()):
+    """The compiled kernel `name` (e.g. 'rms_norm<__nv_bfloat16>') from cuda/`filename`."""
+    return module(filename, (name,), options).get_function(name)

@@ -1,10 +1,13 @@
 """The ops of layers/reference.py as CUDA kernels (cuda/*.cu), on CuPy arrays.
 
-Same names, arguments and results as the reference, which is their test oracle. Two differences, both safe
-for the model's use: `add_rms_norm` updates `residual` (float32 or x's dtype) in place, and `apply_rotary`
-rotates q and k in place.
-Prefill attention still uses the reference's math on the GPU (gather + matmul, in query chunks); the flash
-kernel for it comes later. Shapes the kernels do not cover fall back to the reference.
+Same names, arguments and results as the reference, which is their test oracle. float32, float16 and bfloat16
+all run through the kernels (the tensor-core decode kernel takes fp16/bf16; fp32 decode runs on a CUDA-core
+kernel). Two differences, both safe for the model's use, which rebinds both results:
+- `add_rms_norm` updates `residual` in place (float32 or x's dtype) and returns it;
+- `apply_rotary` rotates q and k in place (or a contiguous copy when their heads are not laid out contiguously).
+Prefill attention (sequences with several new tokens) uses the reference's math on the GPU: a per-sequence gather
+of its K/V and cuBLAS matmuls, in query chunks; a flash kernel replaces it later. Shapes no kernel covers (row
+lengths that are not whole 16-byte vectors, unusual head sizes) fall back to the reference.
 """
 
 from __future__ import annotations
@@ -22,64 +25,131 @@ from cupaged.layers import reference
 
 Array = Any
 THREADS = 128
-PREFILL_CHUNK = 2048  # query rows per reference-attention chunk: bounds the [H, n, L] score matrix
+FLOATS = ("float32", "float16", "bfloat16")
+SCORE_BUDGET = 1 << 24  # float32 entries of one prefill chunk's score matrix (64 MiB)
+TC_PARTITION_MIN, TC_PARTITION_MAX = 128, 2048  # tokens per decode CTA (multiples of 64)
+LOG2E = 1.4426950408889634
+
+
+def _name(a: Array) -> str:
+    return np.dtype(a.dtype).name
 
 
 def _vec(dtype: np.dtype) -> int:
+    """Elements in one 16-byte access."""
     return 16 // np.dtype(dtype).itemsize
 
 
+def _aligned(a: Array) -> bool:
+    return a.data.ptr % 16 == 0
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _require_float(what: str, a: Array) -> None:
+    if not isinstance(a, cupy.ndarray):
+        raise TypeError(f"{what}: expected a cupy.ndarray, got {type(a).__name__}")
+    if _name(a) not in FLOATS:
+        raise TypeError(f"{what}: dtype {_name(a)} is not one of {', '.join(FLOATS)}")
+
+
+def _rows_per_block() -> int:
+    return THREADS // 32
+
+
+# ---------------------------------------------------------------------------------------------------- norms
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    _require_float("rms_norm x", x)
     width = x.shape[-1]
-    if width % _vec(x.dtype):
+    _require(weight.shape == (width,), f"rms_norm: weight shape {weight.shape} does not match rows of {width}")
+    if (width % _vec(x.dtype) or _name(weight) not in (_name(x), "float32") or not weight.flags.c_contiguous
+            or not _aligned(weight) or x.size == 0):
         return reference.rms_norm(x, weight, eps)
-    rows = cupy.ascontiguousarray(x.reshape(-1, width)) if x.ndim != 2 or x.strides[1] != x.itemsize \
-        else x
-    out = cupy.empty((rows.shape[0], width), dtype=x.dtype)
-    per_block = THREADS // 32
-    kernel("norm.cu", f"rms_norm<{ctype(x.dtype)}>")(
-        (math.ceil(rows.shape[0] / per_block),), (THREADS,),
-        (out, rows, weight, np.int32(rows.shape[0]), np.int32(width), np.int64(rows.strides[0] // x.itemsize),
+    vec, item = _vec(x.dtype), x.itemsize
+    # rows as (token, head) over a [T, H, D] view (q/k of a fused projection) or plain rows: no copy needed
+    if x.ndim == 3 and x.strides[2] == item and all(s % (vec * item) == 0 for s in x.strides[:2]) and _aligned(x):
+        src, heads, s0, s1 = x, x.shape[1], x.strides[0] // item, x.strides[1] // item
+    elif x.ndim == 2 and x.strides[1] == item and x.strides[0] % (vec * item) == 0 and _aligned(x):
+        src, heads, s0, s1 = x, 1, x.strides[0] // item, 0
+    else:
+        src = cupy.ascontiguousarray(x).reshape(-1, width)
+        heads, s0, s1 = 1, width, 0
+    rows = x.size // width
+    out = cupy.empty(x.shape, dtype=x.dtype)
+    kernel("norm.cu", f"rms_norm<{ctype(x.dtype)}, {ctype(weight.dtype)}>")(
+        (math.ceil(rows / _rows_per_block()),), (THREADS,),
+        (out, src, weight, np.int32(rows), np.int32(width), np.int32(heads), np.int64(s0), np.int64(s1),
          np.float32(eps)))
-    return out.reshape(x.shape)
+    return out
 
 
 def add_rms_norm(x: Array, residual: Array, weight: Array, eps: float) -> tuple[Array, Array]:
+    """(rms_norm(x + residual), x + residual); the sum is written into `residual` in place and returned."""
+    _require_float("add_rms_norm x", x)
+    _require_float("add_rms_norm residual", residual)
+    _require(x.shape == residual.shape, f"add_rms_norm: x {x.shape} and residual {residual.shape} differ")
     width = x.shape[-1]
-    if width % _vec(x.dtype) or not (x.flags.c_contiguous and residual.flags.c_contiguous):
+    _require(weight.shape == (width,), f"add_rms_norm: weight shape {weight.shape} does not match rows of {width}")
+    if (width % _vec(x.dtype) or x.size == 0
+            or _name(residual) not in (_name(x), "float32") or _name(weight) not in (_name(x), "float32")
+            or not (x.flags.c_contiguous and residual.flags.c_contiguous and weight.flags.c_contiguous)
+            or not (_aligned(x) and _aligned(residual) and _aligned(weight))):
         return reference.add_rms_norm(x, residual, weight, eps)
     rows = x.size // width
     out = cupy.empty_like(x)
-    per_block = THREADS // 32
-    kernel("norm.cu", f"add_rms_norm<{ctype(x.dtype)}, {ctype(residual.dtype)}>")(
-        (math.ceil(rows / per_block),), (THREADS,),
+    kernel("norm.cu", f"add_rms_norm<{ctype(x.dtype)}, {ctype(residual.dtype)}, {ctype(weight.dtype)}>")(
+        (math.ceil(rows / _rows_per_block()),), (THREADS,),
         (out, x, residual, weight, np.int32(rows), np.int32(width), np.float32(eps)))
     return out, residual
 
 
+# ---------------------------------------------------------------------------------------------------- rotary
 def _heads_view(x: Array) -> tuple[Array, int]:
-    """x [T, H, D] whose heads and elements are contiguous, with its row stride in elements (copy if not)."""
+    """x [T, H, D] whose heads and elements are contiguous, with its row stride in elements (a copy if not)."""
     item = x.itemsize
-    if x.strides[2] != item or x.strides[1] != x.shape[2] * item:
+    if x.strides[2] != item or x.strides[1] != x.shape[2] * item or x.strides[0] % item:
         x = cupy.ascontiguousarray(x)
-    return x, x.strides[0] // item
+    return x, (x.strides[0] // item if x.shape[0] > 1 else x.shape[1] * x.shape[2])
 
 
 def apply_rotary(q: Array, k: Array, positions: Array, cos_sin: Array) -> tuple[Array, Array]:
+    _require_float("apply_rotary q", q)
+    _require(q.ndim == 3 and k.ndim == 3 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2],
+             f"apply_rotary: q {q.shape} and k {k.shape} must be [T, H, D] with the same T and D")
+    _require(q.dtype == k.dtype, f"apply_rotary: q is {_name(q)} but k is {_name(k)}")
+    tokens, num_heads, head_dim = q.shape
+    _require(head_dim % 2 == 0 and cos_sin.ndim == 2 and cos_sin.shape[1] == head_dim,
+             f"apply_rotary: cos_sin {cos_sin.shape} must be [max_pos, {head_dim}] (even head_dim)")
+    _require(positions.shape == (tokens,), f"apply_rotary: positions {positions.shape} for {tokens} tokens")
     q, q_stride = _heads_view(q)
     k, k_stride = _heads_view(k)
-    tokens, num_heads, head_dim = q.shape
-    if tokens:
-        kernel("rotary.cu", f"rotary<{ctype(q.dtype)}>")(
-            (tokens,), (THREADS,),
-            (q, k, positions, cos_sin, np.int32(num_heads), np.int32(k.shape[1]), np.int32(head_dim),
-             np.int64(q_stride), np.int64(k_stride)))
+    if tokens == 0:
+        return q, k
+    if _name(positions) != "int32":
+        positions = positions.astype(cupy.int32)
+    if _name(cos_sin) != "float32" or not cos_sin.flags.c_contiguous or not _aligned(cos_sin):
+        cos_sin = cupy.ascontiguousarray(cos_sin, dtype=cupy.float32)
+    vec = _vec(q.dtype)
+    if (head_dim // 2) % vec or q_stride % vec or k_stride % vec or not (_aligned(q) and _aligned(k)):
+        vec = 1
+    items = (num_heads + k.shape[1]) * (head_dim // 2 // vec)
+    block = min(THREADS, 32 * math.ceil(items / 32))
+    kernel("rotary.cu", f"rotary<{ctype(q.dtype)}, {vec}>")(
+        (tokens, math.ceil(items / block)), (block,),
+        (q, k, positions, cos_sin, np.int32(num_heads), np.int32(k.shape[1]), np.int32(head_dim),
+         np.int64(q_stride), np.int64(k_stride)))
     return q, k
 
 
+# ---------------------------------------------------------------------------------------------------- MLP
 def silu_and_mul(x: Array) -> Array:
+    _require_float("silu_and_mul x", x)
+    _require(x.shape[-1] % 2 == 0, f"silu_and_mul: last axis {x.shape[-1]} is not even")
     inter = x.shape[-1] // 2
-    if inter % _vec(x.dtype) or not x.flags.c_contiguous:
+    if inter % _vec(x.dtype) or not x.flags.c_contiguous or not _aligned(x):
         return reference.silu_and_mul(x)
     tokens = x.size // (2 * inter)
     out = cupy.empty(x.shape[:-1] + (inter,), dtype=x.dtype)
@@ -90,36 +160,82 @@ def silu_and_mul(x: Array) -> Array:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- KV cache
+def _check_cache(k_cache: Array, v_cache: Array) -> None:
+    _require_float("k_cache", k_cache)
+    _require(k_cache.ndim == 4 and k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype,
+             f"caches must be one layer's [num_blocks, num_kv_heads, block_size, head_dim] of one dtype, got "
+             f"{k_cache.shape} {_name(k_cache)} and {v_cache.shape} {_name(v_cache)}")
+    _require(k_cache.flags.c_contiguous and v_cache.flags.c_contiguous, "caches must be C-contiguous")
+
+
 def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array) -> None:
+    _check_cache(k_cache, v_cache)
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    _require(k.ndim == 3 and k.shape == v.shape and k.shape[1:] == (num_kv_heads, head_dim),
+             f"write_kv: k {k.shape} and v {v.shape} must be [T, {num_kv_heads}, {head_dim}]")
+    _require(k.dtype == k_cache.dtype and v.dtype == k_cache.dtype,
+             f"write_kv: k/v are {_name(k)}/{_name(v)} but the cache is {_name(k_cache)}")
+    _require(slot_mapping.shape == (k.shape[0],), f"write_kv: slot_mapping {slot_mapping.shape} for {k.shape[0]} tokens")
+    if _name(slot_mapping) != "int32":
+        slot_mapping = slot_mapping.astype(cupy.int32)
+    if head_dim % _vec(k.dtype):
+        return reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
     k, k_stride = _heads_view(k)
     v, v_stride = _heads_view(v)
-    tokens, num_kv_heads, head_dim = k.shape
+    if k_stride % _vec(k.dtype) or v_stride % _vec(k.dtype) or not (_aligned(k) and _aligned(v)):
+        k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
+        k_stride = v_stride = num_kv_heads * head_dim
+    tokens = k.shape[0]
     total = tokens * num_kv_heads * head_dim // _vec(k.dtype)
     if total:
         kernel("cache.cu", f"write_kv<{ctype(k.dtype)}>")(
             (math.ceil(total / 256),), (256,),
             (k, v, k_cache, v_cache, slot_mapping, np.int32(tokens), np.int32(num_kv_heads), np.int32(head_dim),
-             np.int32(k_cache.shape[2]), np.int64(k_stride), np.int64(v_stride)))
+             np.int32(block_size), np.int64(k_stride), np.int64(v_stride)))
 
 
 def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array) -> None:
+    """Blocks src[i] -> dst[i] in every layer of the caches [layers, blocks, Hkv, block_size, D]."""
+    _require(k_cache.ndim == 5 and k_cache.shape == v_cache.shape and k_cache.flags.c_contiguous
+             and v_cache.flags.c_contiguous, "copy_blocks: caches must be contiguous [layers, blocks, ...]")
+    if len(src) == 0:
+        return
+    src, dst = cupy.asarray(src, dtype=cupy.int32), cupy.asarray(dst, dtype=cupy.int32)
     layers, num_blocks = k_cache.shape[:2]
     block_vecs = k_cache[0, 0].nbytes // 16
     kernel("cache.cu", "copy_blocks")((len(src), layers), (256,),
                                       (k_cache, v_cache, src, dst, np.int64(num_blocks), np.int32(block_vecs)))
 
 
+# ---------------------------------------------------------------------------------------------------- attention
 @functools.cache
 def _num_sms() -> int:
     return cupy.cuda.Device().attributes["MultiProcessorCount"]
 
 
-def decode_partition(batch: int, head_chunks: int, heads_per_cta: int, max_seq_len: int) -> int:
-    """Tokens per thread block: small enough that batch x head chunks x partitions fills the GPU 4 times over,
-    large enough to keep the reduction cheap, and within 32 KiB of scores."""
-    splits = max(1, math.ceil(4 * _num_sms() / max(1, batch * head_chunks)))
-    partition = 64 * math.ceil(math.ceil(max_seq_len / splits) / 64)
-    return max(64, min(partition, 2048, 8192 // heads_per_cta // 64 * 64))
+@functools.cache
+def _ctas_per_sm(func_name: str, smem: int) -> int:
+    """Resident CTAs of THREADS threads per SM for a kernel (registers and shared memory); 2 if unknown."""
+    try:
+        func = kernel("paged_attention.cu", func_name)
+        ptr = getattr(func, "ptr", None) or func.kernel.ptr  # RawKernel keeps its driver Function in .kernel
+        return max(1, cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(ptr, THREADS, smem))
+    except Exception:
+        return 2
+
+
+_workspaces: dict[int, Array] = {}
+
+
+def _workspace(floats: int) -> Array:
+    """A float32 scratch buffer of at least `floats` entries, kept per device (stable across calls)."""
+    dev = cupy.cuda.Device().id
+    ws = _workspaces.get(dev)
+    if ws is None or ws.size < floats:
+        ws = cupy.empty(max(floats, 1 << 20), dtype=cupy.float32)
+        _workspaces[dev] = ws
+    return ws
 
 
 def heads_per_cta(group: int) -> int:
@@ -127,56 +243,142 @@ def heads_per_cta(group: int) -> int:
     return max(h for h in range(1, min(group, 8) + 1) if group % h == 0)
 
 
+def decode_partition(work: int, max_seq_len: int, ctas_per_sm: int) -> int:
+    """Tokens per CTA for the tensor-core decode kernel, `work` = sequences x KV heads x head chunks.
+
+    Measured on an H200 (bench/RESULTS.md, partition sweep): DRAM bandwidth saturates with about 2 CTAs (8
+    warps) per SM, and each extra CTA costs its fixed work (block-table load, warp merge, partial writes). So:
+    split the contexts until there are about 2 CTAs per SM, but keep TC_PARTITION_MIN..TC_PARTITION_MAX tokens
+    a CTA; then, if the grid spans 1-4 waves of resident CTAs with a mostly empty last wave, halve the partition
+    until the waves are at least 80% full. Multiples of 64 (4 warps x 16 tokens).
+    """
+    sms = _num_sms()
+    max_seq_len = max(1, max_seq_len)
+    splits = max(1, min(math.ceil(2 * sms / max(1, work)), math.ceil(max_seq_len / TC_PARTITION_MIN)),
+                 math.ceil(max_seq_len / TC_PARTITION_MAX))
+    partition = 64 * math.ceil(math.ceil(max_seq_len / splits) / 64)
+    slots = sms * ctas_per_sm
+    while partition >= 2 * TC_PARTITION_MIN:
+        waves = work * math.ceil(max_seq_len / partition) / slots
+        if waves <= 1 or waves / math.ceil(waves) >= 0.8:
+            break
+        partition = 64 * math.ceil(partition / 2 / 64)
+    return partition
+
+
+def simt_partition(work: int, heads: int, max_seq_len: int) -> int:
+    """Tokens per CTA for the CUDA-core kernel: about 4 CTAs per SM, scores within 32 KiB of shared memory."""
+    splits = max(1, math.ceil(4 * _num_sms() / max(1, work)))
+    partition = 64 * math.ceil(math.ceil(max(1, max_seq_len) / splits) / 64)
+    return max(64, min(partition, 2048, 8192 // heads // 64 * 64))
+
+
+def _tc_supported(dtype: np.dtype, head_dim: int, block_size: int) -> bool:
+    return (np.dtype(dtype).name in ("float16", "bfloat16") and head_dim in (64, 128, 256)
+            and block_size & (block_size - 1) == 0)
+
+
+def _simt_supported(dtype: np.dtype, head_dim: int) -> bool:
+    tpt = head_dim // _vec(dtype)
+    return head_dim % _vec(dtype) == 0 and 0 < tpt <= 32 and 32 % tpt == 0
+
+
+def decode_supported(dtype: np.dtype, head_dim: int, block_size: int) -> bool:
+    """True when a decode kernel takes this cache shape (else paged_attention uses the reference math)."""
+    return _tc_supported(dtype, head_dim, block_size) or _simt_supported(dtype, head_dim)
+
+
 def paged_decode_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, block_tables: Array,
-                           seq_lens: Array, max_seq_len: int, scale: float) -> None:
-    """out [B, Hq, D] = attention of one query per sequence, q [B, Hq, D], over the paged cache."""
+                           seq_lens: Array, max_seq_len: int, scale: float, partition: int | None = None) -> None:
+    """out [B, Hq, D] (contiguous) = attention of one query per sequence, q [B, Hq, D], over the paged cache.
+
+    block_tables int32 [B, max_blocks], seq_lens int32 [B] (every entry >= 1), max_seq_len >= max(seq_lens).
+    `partition` (tokens per CTA, a multiple of 64) overrides the heuristic: for tests and tuning.
+    """
     batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     heads = heads_per_cta(group)
+    chunks = group // heads
     q, q_stride = _heads_view(q)
-    partition = decode_partition(batch, num_heads // heads, heads, max_seq_len)
+    if q_stride % _vec(q.dtype) or not _aligned(q):
+        q = cupy.ascontiguousarray(q)
+        q_stride = num_heads * head_dim
+    t = ctype(q.dtype)
+    tables = block_tables if _name(block_tables) == "int32" else block_tables.astype(cupy.int32)
+    lens = seq_lens if _name(seq_lens) == "int32" else seq_lens.astype(cupy.int32)
+    work = batch * num_kv_heads * chunks
+    if _tc_supported(q.dtype, head_dim, block_size):
+        name = f"paged_decode_tc<{t}, {head_dim}, {heads}>"
+        bs_log2 = block_size.bit_length() - 1
+        if partition is None:
+            partition = decode_partition(work, max_seq_len, _ctas_per_sm(name, 4 * (TC_PARTITION_MAX // 8 + 2)))
+        smem = 4 * ((partition >> bs_log2) + 2)
+        block_arg = np.int32(bs_log2)
+    else:
+        name = f"paged_decode_simt<{t}, {head_dim}, {heads}>"
+        partition = partition or simt_partition(work, heads, max_seq_len)
+        _require(heads * partition <= 8192, "paged_decode_attention: partition too large for the CUDA-core kernel")
+        smem = 4 * max(heads * partition, 4 * heads * head_dim)
+        block_arg = np.int32(block_size)
+    _require(partition % 64 == 0, f"paged_decode_attention: partition {partition} is not a multiple of 64")
     splits = math.ceil(max_seq_len / partition)
-    name = f"paged_decode_attention<{ctype(q.dtype)}, {head_dim}, {heads}>"
-    attend = kernel("paged_attention.cu", name)
-    smem = 4 * max(heads * partition, 4 * heads * head_dim)  # at most 32 KiB: no opt-in needed
-    part_out = cupy.empty((batch, num_heads, splits, head_dim), cupy.float32) if splits > 1 else out
-    part_max = cupy.empty((batch, num_heads, splits), cupy.float32) if splits > 1 else out
-    part_sum = cupy.empty((batch, num_heads, splits), cupy.float32) if splits > 1 else out
-    attend((splits, num_heads // heads, batch), (THREADS,),
-           (out, part_out, part_max, part_sum, q, np.int64(q_stride), k_cache, v_cache, block_tables,
-            np.int32(block_tables.shape[1]), seq_lens, np.int32(num_kv_heads), np.int32(group),
-            np.int32(block_size), np.int32(partition), np.float32(scale)), shared_mem=smem)
     if splits > 1:
-        kernel("paged_attention.cu", f"paged_decode_reduce<{ctype(q.dtype)}, {head_dim}>")(
-            (num_heads, batch), (min(head_dim, 128),),
-            (out, part_out, part_max, part_sum, seq_lens, np.int32(partition), np.int32(splits)),
-            shared_mem=4 * splits)
+        rows = batch * num_heads * splits
+        ws = _workspace(rows * (head_dim + 2))
+        part_out, part_ml = ws[:rows * head_dim], ws[rows * head_dim:rows * (head_dim + 2)]
+    else:
+        part_out = part_ml = out  # not written: every sequence fits one partition
+    kernel("paged_attention.cu", name)(
+        (num_kv_heads * chunks, splits, batch), (THREADS,),
+        (out, part_out, part_ml, q, np.int64(q_stride), k_cache, v_cache, tables, np.int32(tables.shape[1]),
+         lens, np.int32(num_kv_heads), np.int32(group), np.int32(chunks), block_arg, np.int32(partition),
+         np.int32(splits), np.float32(scale * LOG2E)), shared_mem=smem)
+    if splits > 1:
+        kernel("paged_attention.cu", f"paged_decode_reduce<{t}, {head_dim}>")(
+            (num_heads, batch), (THREADS,), (out, part_out, part_ml, lens, np.int32(partition), np.int32(splits)))
 
 
-def _decode_supported(dtype: np.dtype, head_dim: int) -> bool:
-    tpt = head_dim // _vec(dtype)
-    return head_dim % _vec(dtype) == 0 and tpt <= 32 and 32 % tpt == 0
-
-
-def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float) -> Array:
-    """Decode rows through the decode kernel; prefill rows (and shapes it does not cover) through the
-    reference math on the GPU, in query chunks."""
-    out = cupy.empty(q.shape, dtype=q.dtype)
-    prefill_tokens, prefills = meta.num_prefill_tokens, meta.num_prefills
+def _prefill_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata,
+                       sequences: range, scale: float) -> None:
+    """Reference math on the GPU for the given sequences: gather K/V, causal attention in query chunks."""
     qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
-    use_kernel = _decode_supported(q.dtype, q.shape[2])
-    for b in range(prefills if use_kernel else len(seq_lens)):
+    for b in sequences:
         start, end, seq_len = int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b])
         keys = reference.gather_kv(k_cache, meta.block_tables[b], seq_len).astype(cupy.float32)
         values = reference.gather_kv(v_cache, meta.block_tables[b], seq_len).astype(cupy.float32)
         first = seq_len - (end - start)
-        for c in range(start, end, PREFILL_CHUNK):
-            stop = min(c + PREFILL_CHUNK, end)
+        rows = max(16, SCORE_BUDGET // (q.shape[1] * seq_len))  # bounds the [H, rows, L] score matrix
+        for c in range(start, end, rows):
+            stop = min(c + rows, end)
             visible = first + stop - start  # keys the chunk's last query sees
             out[c:stop] = reference.attend(q[c:stop], keys[:, :visible], values[:, :visible],
                                            first + c - start, scale).astype(q.dtype)
-    if use_kernel and q.shape[0] > prefill_tokens:
+
+
+def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float) -> Array:
+    """Causal attention of q [T, Hq, D] over one layer's paged cache: decode rows (one new token per sequence,
+    rows num_prefill_tokens:) through the decode kernels, prefill rows through the reference math."""
+    _require_float("paged_attention q", q)
+    _check_cache(k_cache, v_cache)
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    _require(q.ndim == 3 and q.shape[2] == head_dim and q.shape[1] % num_kv_heads == 0,
+             f"paged_attention: q {q.shape} must be [T, Hq, {head_dim}] with Hq a multiple of {num_kv_heads}")
+    _require(q.dtype == k_cache.dtype, f"paged_attention: q is {_name(q)} but the cache is {_name(k_cache)}")
+    out = cupy.empty(q.shape, dtype=q.dtype)
+    prefill_tokens, prefills = meta.num_prefill_tokens, meta.num_prefills
+    num_seqs = len(meta.seq_lens_host)
+    _require(int(meta.query_start_loc_host[-1]) == q.shape[0] if num_seqs else q.shape[0] == 0,
+             f"paged_attention: metadata describes {int(meta.query_start_loc_host[-1]) if num_seqs else 0} "
+             f"tokens, q has {q.shape[0]}")
+    if not decode_supported(q.dtype, head_dim, block_size):
+        _prefill_attention(out, q, k_cache, v_cache, meta, range(num_seqs), scale)
+        return out
+    _prefill_attention(out, q, k_cache, v_cache, meta, range(prefills), scale)
+    if num_seqs > prefills:
+        max_len = int(meta.seq_lens_host[prefills:].max())
         paged_decode_attention(out[prefill_tokens:], q[prefill_tokens:], k_cache, v_cache,
-                               meta.block_tables[prefills:], meta.seq_lens[prefills:], meta.max_seq_len, scale)
+                               meta.block_tables[prefills:], meta.seq_lens[prefills:], max_len, scale)
     return out
