@@ -185,3 +185,14 @@ def test_cli_run_streams_and_reports_throughput(path) -> None:
     assert bad.exit_code != 0 and "top_p" in bad.output
     missing = CliRunner().invoke(main, ["run", "--model", "/nonexistent/model", "--prompt", "x"])
     assert missing.exit_code != 0 and "no such directory" in missing.output
+
+
+def test_chunked_prefill_gives_the_same_greedy_output(path) -> None:
+    """Prompts longer than the token budget are computed in chunks over several steps; nothing changes."""
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (150, 37, 300)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    whole = LLM(str(path), device="cpu", num_kv_blocks=128).generate(prompts, params, use_tqdm=False)
+    chunked_llm = LLM(str(path), device="cpu", num_kv_blocks=128, max_num_batched_tokens=40)
+    chunked = chunked_llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in chunked] == [o.outputs[0].token_ids for o in whole]

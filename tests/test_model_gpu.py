@@ -143,3 +143,16 @@ def test_gpu_beam_search_equals_transformers_fixture(checkpoints) -> None:
                             stop_token_ids=fixture["stop_token_ids"].tolist())
     outs = run_all(llm, [(fixture[f"prompt_{i}"].tolist(), params) for i in range(10)])
     assert [o[0] for o in outs] == [fixture[f"output_{i}"].tolist() for i in range(10)]
+
+
+def test_gpu_chunked_prefill_gives_the_same_greedy_output(checkpoints) -> None:
+    """The flash prefill kernel over a cached prefix (chunked prefill) against whole-prompt prefill, bf16."""
+    path = str(checkpoints("qwen3-tiny", "bfloat16"))
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (400, 77, 250)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    whole = run_all(LLM(path, device="cuda", num_kv_blocks=256, enable_prefix_caching=False),
+                    [(p, params) for p in prompts])
+    chunked = run_all(LLM(path, device="cuda", num_kv_blocks=256, max_num_batched_tokens=64,
+                          enable_prefix_caching=False), [(p, params) for p in prompts])
+    assert chunked == whole

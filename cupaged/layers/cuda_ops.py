@@ -21,7 +21,9 @@ import numpy as np
 
 from cupaged.kernels import ctype, kernel
 from cupaged.kv_cache import AttentionMetadata
-from cupaged.layers import reference
+from cupaged.layers import flash_prefill, reference
+
+FLASH_PREFILL = True  # False: prefill through the reference math (bench/bench_ttft.py compares the two)
 
 Array = Any
 THREADS = 128
@@ -360,7 +362,8 @@ def _prefill_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, met
 
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float) -> Array:
     """Causal attention of q [T, Hq, D] over one layer's paged cache: decode rows (one new token per sequence,
-    rows num_prefill_tokens:) through the decode kernels, prefill rows through the reference math."""
+    rows num_prefill_tokens:) through the decode kernels, prefill rows through the flash prefill kernel (fp16 and
+    bf16, head_dim 64/128; other cases through the reference math)."""
     _require_float("paged_attention q", q)
     _check_cache(k_cache, v_cache)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
@@ -376,7 +379,10 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMet
     if not decode_supported(q.dtype, head_dim, block_size):
         _prefill_attention(out, q, k_cache, v_cache, meta, range(num_seqs), scale)
         return out
-    _prefill_attention(out, q, k_cache, v_cache, meta, range(prefills), scale)
+    if prefills and FLASH_PREFILL and flash_prefill.supported(q.dtype, head_dim):
+        flash_prefill.flash_prefill_attention(q, k_cache, v_cache, meta, scale, out=out)
+    else:
+        _prefill_attention(out, q, k_cache, v_cache, meta, range(prefills), scale)
     if num_seqs > prefills:
         max_len = int(meta.seq_lens_host[prefills:].max())
         paged_decode_attention(out[prefill_tokens:], q[prefill_tokens:], k_cache, v_cache,
