@@ -24,35 +24,27 @@ import numpy as np
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    import cupy
+def median_ms(fn, repeat: int, warmup: int = 3, torch_events: bool = False) -> float:
+    """Median of `repeat` CUDA-event timings of fn() after `warmup` calls; torch's events for torch's work."""
+    if torch_events:
+        import torch
 
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        elapsed = lambda: start.elapsed_time(stop)  # noqa: E731
+    else:
+        import cupy
+
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        elapsed = lambda: cupy.cuda.get_elapsed_time(start, stop)  # noqa: E731
     for _ in range(warmup):
         fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
     times = []
     for _ in range(repeat):
         start.record()
         fn()
         stop.record()
         stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
-
-
-def torch_median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+        times.append(elapsed())
     return float(np.median(times))
 
 
@@ -92,7 +84,7 @@ def torch_peer(q, k_contig, v_contig, batch: int, length: int, repeat: int) -> t
             fn = lambda: sdpa(tq, tk, tv, is_causal=True, enable_gqa=True)  # noqa: E731
             out = fn()
             torch.cuda.synchronize()
-            ms = torch_median_ms(fn, repeat)
+            ms = median_ms(fn, repeat, torch_events=True)
     except Exception as exc:  # flash backend without GQA: give it the K/V heads repeated
         print(f"torch flash with enable_gqa: {type(exc).__name__}: {exc}; retrying with repeated K/V heads",
               file=sys.stderr)
@@ -104,7 +96,7 @@ def torch_peer(q, k_contig, v_contig, batch: int, length: int, repeat: int) -> t
                 fn = lambda: sdpa(tq, tk, tv, is_causal=True)  # noqa: E731
                 out = fn()
                 torch.cuda.synchronize()
-                ms = torch_median_ms(fn, repeat)
+                ms = median_ms(fn, repeat, torch_events=True)
         except Exception as exc2:
             print(f"torch flash: {type(exc2).__name__}: {exc2}", file=sys.stderr)
             return None, None, f"failed: {type(exc2).__name__}"

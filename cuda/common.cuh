@@ -48,4 +48,49 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }  // NVRTC has no math.h
+
+// 2^x through the special-function unit; ex2.approx(-inf) = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Tensor-core D += A B, mma.sync m16n8k16 with fp32 accumulation, for T = __half or __nv_bfloat16:
+// pack(lo, hi) makes one 32-bit A/B register from two floats; mma takes A as four registers or an array of four.
+template <typename T> struct MmaOps;
+template <> struct MmaOps<__half> {
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+template <> struct MmaOps<__nv_bfloat16> {
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+template <typename T> struct Mma : MmaOps<T> {
+    using MmaOps<T>::mma;
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+        MmaOps<T>::mma(c, a[0], a[1], a[2], a[3], b0, b1);
+    }
+};
+
 }  // namespace cupaged

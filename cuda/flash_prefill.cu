@@ -32,40 +32,13 @@
 //   <D=128, 8, 1, 64>             BLOCK_M 128, 96.5 KiB, 216 regs, 1 CTA/SM (Q fragments stay in registers)
 //   <D=128, 4, 1, 64>             BLOCK_M 64, 80.5 KiB, 178 regs, 2 CTAs/SM (twice the K/V traffic per row)
 //   <D=64, 4, 2, 64>              BLOCK_M 128, 48.5 KiB, 228 regs, no spill (default)
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 namespace flash {
+using cupaged::Mma;
+using cupaged::fast_exp2;
+using cupaged::neg_inf;
 
-template <typename T> struct Mma;
-
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        __half2 h = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<unsigned*>(&h);
-    }
-    static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<unsigned*>(&h);
-    }
-    static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -95,11 +68,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, unsigned addr) {
                  : "r"(addr));
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx(-inf) = +0
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // Byte offset of element (row, 8 * chunk) in a [rows][HEAD_DIM] tile with 16-byte chunks swizzled by row % 8.
 template <int HEAD_DIM, typename T>
@@ -220,7 +188,7 @@ flash_prefill(T* __restrict__ out, long long o_stride, const T* __restrict__ q, 
             for (int e = 0; e < 4; ++e) o[mt][d][e] = 0.f;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            m[mt][h] = __int_as_float(0xff800000);  // -inf
+            m[mt][h] = neg_inf();  // -inf
             l[mt][h] = 0.f;
         }
     }
@@ -310,7 +278,7 @@ flash_prefill(T* __restrict__ out, long long o_stride, const T* __restrict__ q, 
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
                         if (j * 8 + (e & 1) - mt * 16 - (e >> 1) * 8 > diag)
-                            s[mt][j][e] = __int_as_float(0xff800000);
+                            s[mt][j][e] = neg_inf();
         }
 
         // online softmax (log2 domain)
@@ -320,14 +288,14 @@ flash_prefill(T* __restrict__ out, long long o_stride, const T* __restrict__ q, 
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                float mx = __int_as_float(0xff800000);
+                float mx = neg_inf();
 #pragma unroll
                 for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float m_new = fmaxf(m[mt][h], mx * scale_log2);
                 // a row with no visible key so far keeps m = -inf; subtract 0 then (all its p are 0)
-                const float m_use = m_new == __int_as_float(0xff800000) ? 0.f : m_new;
+                const float m_use = m_new == neg_inf() ? 0.f : m_new;
                 alpha[mt][h] = fast_exp2(m[mt][h] - m_use);
                 rescale |= m_new != m[mt][h];
                 m[mt][h] = m_new;
