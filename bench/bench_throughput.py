@@ -9,15 +9,43 @@ left-padded) and transformers' continuous batching (`paged|sdpa`) in the same ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 
 import click
 
 from bench.workload import nano_vllm_workload
 from cupaged import LLMEngine, SamplingParams
 from cupaged.checkpoint import open_checkpoint
+
+
+@contextlib.contextmanager
+def time_phases(engine: LLMEngine) -> Iterator[dict[str, float]]:
+    """Wrap the parts of a step to add up their wall time (seconds) in the returned dict: scheduling, the model
+    (host work and kernel launches; the GPU runs on asynchronously), sampling (which waits for the GPU to reach
+    the sampled tokens); the rest of a step is bookkeeping (appending tokens, detokenizing, outputs)."""
+    import cupaged.engine.llm_engine as llm_engine
+
+    totals = {"schedule": 0.0, "model": 0.0, "sample_and_wait": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[key] += time.perf_counter() - t0
+        return wrapper
+
+    engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
+    engine.runner.run = timed(engine.runner.run, "model")
+    engine_sample = llm_engine.sample
+    llm_engine.sample = timed(engine_sample, "sample_and_wait")
+    yield totals
+    llm_engine.sample = engine_sample
 
 
 def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_options: dict) -> dict:
@@ -31,7 +59,8 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
     sync = _synchronize(engine.device)
     sync()
     t0 = time.perf_counter()
-    with click.progressbar(length=len(workload), label="cupaged", file=sys.stderr) as bar:
+    with click.progressbar(length=len(workload), label="cupaged", file=sys.stderr) as bar, \
+            time_phases(engine) as phases:
         while engine.has_unfinished_requests():
             outs = engine.step()
             steps += 1
@@ -51,9 +80,10 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
 
         cupy.get_default_memory_pool().free_all_blocks()
     result = {"engine": "cupaged", "requests": len(workload), "output_tokens": generated, "time_s": elapsed,
-            "output_tokens_per_s": generated / elapsed, "total_tokens_per_s": (generated + prompt_tokens) / elapsed,
-            "peak_kv_blocks": peak, "kv_blocks_total": total_blocks, "steps": steps,
-              "preemptions": preemptions}
+              "output_tokens_per_s": generated / elapsed, "total_tokens_per_s": (generated + prompt_tokens) / elapsed,
+              "peak_kv_blocks": peak, "kv_blocks_total": total_blocks, "steps": steps,
+              "preemptions": preemptions, "enforce_eager": bool(engine_options.get("enforce_eager")),
+              "ms_per_step": {k: 1e3 * v / steps for k, v in phases.items()} | {"total": 1e3 * elapsed / steps}}
     click.echo(f"cupaged: {result}", err=True)
     return result
 
@@ -136,15 +166,17 @@ def run_transformers_continuous(model: str, workload: list[tuple[list[int], int]
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--max-num-seqs", default=256, show_default=True)
 @click.option("--max-num-batched-tokens", default=None, type=int)
+@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
 @click.option("--peers", is_flag=True, help="Also run transformers on the GPU (needs torch and transformers).")
 @click.option("--peer-requests", default=None, type=int, help="Run the peers on the first N requests only.")
 @click.option("--json", "json_path", default=None)
 def main(model: str, num_requests: int, scale: int, device: str | None, dtype: str, max_num_seqs: int,
-         max_num_batched_tokens: int | None, peers: bool, peer_requests: int | None, json_path: str | None) -> None:
+         max_num_batched_tokens: int | None, enforce_eager: bool, peers: bool, peer_requests: int | None,
+         json_path: str | None) -> None:
     vocab = open_checkpoint(model)[0].vocab_size
     workload = nano_vllm_workload(num_requests, scale, vocab=vocab)
     options = dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens)
+                   max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
     results = [run_cupaged(model, workload, options)]
     if peers:
         subset = workload[:peer_requests or len(workload)]

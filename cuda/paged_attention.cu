@@ -4,8 +4,9 @@
 // Work decomposition (both kernels). A CTA takes one sequence, one KV head with HEADS of its query heads (the whole
 // GQA group when it has 8 or fewer heads), and one partition of `partition` consecutive tokens: every K/V tile is
 // read once and used by all HEADS query heads. Grid: x = kv head * head_chunks + chunk (the chunks of one KV
-// head run side by side and share the tiles through L2), y = partition, z = sequence. The host picks `partition`
-// so that sequences x KV heads x partitions fill the SMs. A sequence whose context fits one partition gets its
+// head run side by side and share the tiles through L2), y = partition (looping by gridDim.y when the grid has
+// fewer than the context needs), z = sequence. The host picks `partition` so that sequences x KV heads x
+// partitions fill the SMs, and passes it through device memory (a CUDA graph replays with the step's value). A sequence whose context fits one partition gets its
 // output written directly; otherwise each CTA writes an unnormalised partial output with its running max (log2
 // domain) and sum, and paged_decode_reduce combines the partitions (FlashInfer / vLLM v2 style).
 //
@@ -42,22 +43,19 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 // ---------------------------------------------------------------------------------------------------------------
 // Tensor-core decode kernel. block_size = 1 << bs_log2. Dynamic shared memory: (partition >> bs_log2) + 2 ints.
 template <typename T, int HEAD_DIM, int HEADS>
-__global__ void __launch_bounds__(THREADS, HEAD_DIM <= 128 ? 3 : 2)
-paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
+__device__ __forceinline__ void
+decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
                 const T* __restrict__ q, long long q_stride, const T* __restrict__ k_cache,
                 const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
-                const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int bs_log2,
-                int partition, int max_splits, float scale_log2) {
+                int seq_len, int num_kv_heads, int group, int head_chunks, int bs_log2,
+                int partition, int max_splits, float scale_log2, int split) {
     static_assert(HEAD_DIM % 64 == 0 && HEADS >= 1 && HEADS <= 8, "HEAD_DIM in 64/128/256, up to 8 heads a CTA");
     constexpr int KC = HEAD_DIM / 32;  // 16-byte K (and Q) chunks a lane holds per token row
     constexpr int VC = HEAD_DIM / 64;  // 16-byte V chunks a lane holds per token row
     constexpr int KSTEPS = HEAD_DIM / 16, MTILES = HEAD_DIM / 16;
     constexpr bool V_EARLY = HEAD_DIM <= 128;
     const int kvh = blockIdx.x / head_chunks, chunk = blockIdx.x % head_chunks;
-    const int split = blockIdx.y, b = blockIdx.z;
-    const int seq_len = seq_lens[b], start = split * partition;
-    if (start >= seq_len) return;  // the reducer only reads the partitions that hold tokens
-    const int end = min(start + partition, seq_len);
+    const int b = blockIdx.z, start = split * partition, end = min(start + partition, seq_len);
     const bool single = partition >= seq_len;
     const int head0 = kvh * group + chunk * HEADS, num_heads = num_kv_heads * group;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, q4 = lane % 4;
@@ -219,26 +217,43 @@ paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __res
     }
 }
 
+// The kernel: CTA (x, y, z) takes partitions y, y + gridDim.y, ... of sequence z. The partition size comes from
+// device memory and the grid need not cover every partition, so one captured CUDA graph serves every step: the
+// host writes the step's partition before the replay (eager launches size the grid to cover them all).
+template <typename T, int HEAD_DIM, int HEADS>
+__global__ void __launch_bounds__(THREADS, HEAD_DIM <= 128 ? 3 : 2)
+paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
+                const T* __restrict__ q, long long q_stride, const T* __restrict__ k_cache,
+                const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
+                const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int bs_log2,
+                const int* __restrict__ partition_ptr, int max_splits, float scale_log2) {
+    const int partition = *partition_ptr, seq_len = seq_lens[blockIdx.z];
+    for (int split = blockIdx.y; split * partition < seq_len; split += gridDim.y) {
+        decode_tc_split<T, HEAD_DIM, HEADS>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, block_tables,
+                                            max_blocks, seq_len, num_kv_heads, group, head_chunks, bs_log2,
+                                            partition, max_splits, scale_log2, split);
+        __syncthreads();  // the next partition reuses the shared memory
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // CUDA-core decode kernel (fp32, and shapes the tensor-core kernel does not take). A token's head_dim-wide K (or V)
 // row is read by TPT threads, 16 bytes each; a CTA covers THREADS / TPT tokens at once, UNROLL times over before
 // using the data. Three passes over the partition: scores q.k into shared memory, softmax statistics, then p.V.
 // Dynamic shared memory: 4 * max(HEADS * partition, WARPS * HEADS * HEAD_DIM) bytes.
 template <typename T, int HEAD_DIM, int HEADS>
-__global__ void __launch_bounds__(THREADS)
-paged_decode_simt(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
+__device__ __forceinline__ void
+decode_simt_split(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
                   const T* __restrict__ q, long long q_stride, const T* __restrict__ k_cache,
                   const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
-                  const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int block_size,
-                  int partition, int max_splits, float scale_log2) {
+                  int seq_len, int num_kv_heads, int group, int head_chunks, int block_size,
+                  int partition, int max_splits, float scale_log2, int split) {
     constexpr int N = Vec<T>::N, TPT = HEAD_DIM / N, TOKENS = THREADS / TPT;
     constexpr int UNROLL = HEADS * N <= 32 ? 8 : 4;  // loads in flight per thread, as registers allow
     static_assert(TPT <= 32 && 32 % TPT == 0, "a K row must be read by a power-of-two part of one warp");
     const int kvh = blockIdx.x / head_chunks, chunk = blockIdx.x % head_chunks;
-    const int split = blockIdx.y, b = blockIdx.z;
+    const int b = blockIdx.z, start = split * partition;
     const int head0 = kvh * group + chunk * HEADS, num_heads = num_kv_heads * group;
-    const int seq_len = seq_lens[b], start = split * partition;
-    if (start >= seq_len) return;
     const int end = min(start + partition, seq_len), n = end - start;
     const bool single = partition >= seq_len;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, tok_lane = tid % TPT, tok_group = tid / TPT;
@@ -364,6 +379,22 @@ paged_decode_simt(T* __restrict__ out, float* __restrict__ part_out, float2* __r
     }
 }
 
+template <typename T, int HEAD_DIM, int HEADS>
+__global__ void __launch_bounds__(THREADS)
+paged_decode_simt(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
+                  const T* __restrict__ q, long long q_stride, const T* __restrict__ k_cache,
+                  const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
+                  const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int block_size,
+                  const int* __restrict__ partition_ptr, int max_splits, float scale_log2) {
+    const int partition = *partition_ptr, seq_len = seq_lens[blockIdx.z];
+    for (int split = blockIdx.y; split * partition < seq_len; split += gridDim.y) {
+        decode_simt_split<T, HEAD_DIM, HEADS>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, block_tables,
+                                              max_blocks, seq_len, num_kv_heads, group, head_chunks, block_size,
+                                              partition, max_splits, scale_log2, split);
+        __syncthreads();  // the next partition reuses the shared memory
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Combine the partitions of each (sequence, head): out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
 // Grid (heads, sequences), THREADS threads: HEAD_DIM / 4 lanes per float4 of the row, the rest take every
@@ -371,10 +402,10 @@ paged_decode_simt(T* __restrict__ out, float* __restrict__ part_out, float2* __r
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(THREADS)
 paged_decode_reduce(T* __restrict__ out, const float* __restrict__ part_out, const float2* __restrict__ part_ml,
-                    const int* __restrict__ seq_lens, int partition, int max_splits) {
+                    const int* __restrict__ seq_lens, const int* __restrict__ partition_ptr, int max_splits) {
     constexpr int VECS = HEAD_DIM / 4, GROUPS = THREADS / VECS;
     static_assert(THREADS % VECS == 0 && GROUPS >= 1, "HEAD_DIM up to 512");
-    const int h = blockIdx.x, b = blockIdx.y, num_heads = gridDim.x, tid = threadIdx.x;
+    const int h = blockIdx.x, b = blockIdx.y, num_heads = gridDim.x, tid = threadIdx.x, partition = *partition_ptr;
     const int splits = (seq_lens[b] + partition - 1) / partition;
     if (splits <= 1) return;
     const long long row = (long long)b * num_heads + h;
@@ -419,9 +450,9 @@ paged_decode_reduce(T* __restrict__ out, const float* __restrict__ part_out, con
 }
 
 #ifdef CUPAGED_NVCC_CHECK
-#define TC(T, D, H) template __global__ void paged_decode_tc<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, int, int, float);
-#define SIMT(T, D, H) template __global__ void paged_decode_simt<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, int, int, float);
-#define RED(T, D) template __global__ void paged_decode_reduce<T, D>(T*, const float*, const float2*, const int*, int, int);
+#define TC(T, D, H) template __global__ void paged_decode_tc<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, const int*, int, float);
+#define SIMT(T, D, H) template __global__ void paged_decode_simt<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, const int*, int, float);
+#define RED(T, D) template __global__ void paged_decode_reduce<T, D>(T*, const float*, const float2*, const int*, const int*, int);
 TC(__nv_bfloat16, 128, 4) TC(__nv_bfloat16, 128, 8) TC(__half, 64, 1) TC(__half, 128, 2) TC(__nv_bfloat16, 256, 8)
 SIMT(float, 128, 4) SIMT(float, 64, 8) SIMT(__half, 256, 2)
 RED(__nv_bfloat16, 128) RED(float, 64) RED(__half, 256)

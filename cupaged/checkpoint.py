@@ -12,8 +12,9 @@ import json
 import logging
 import struct
 from pathlib import Path
+from types import ModuleType
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -167,6 +168,25 @@ def open_checkpoint(name: str | Path) -> tuple[ModelConfig, Tokenizer, TensorSou
     config = ModelConfig.from_file(path / "config.json")
     tokenizer = Tokenizer.from_dir(path, config.eos_token_ids)
     return config, tokenizer, lambda expected, dtype: load_tensors(path, expected, dtype)
+
+
+def dummy_weights(expected: dict[str, tuple[int, ...]], dtype: np.dtype, xp: ModuleType,
+                  seed: int = 0) -> dict[str, Any]:
+    """Random weights of the expected shapes, made on the device (vLLM's load_format="dummy"): for benchmarks of
+    shapes that have no checkpoint at hand. The scales are tools/make_checkpoint.py's, which keep activations
+    and logits O(1): matrices N(0, 1/fan_in), norm weights 1 + 0.1 N(0, 1), biases 0.1 N(0, 1)."""
+    rng = xp.random.default_rng(seed)
+    out = {}
+    for name, shape in sorted(expected.items()):
+        x = rng.standard_normal(shape, dtype=xp.float32)
+        if len(shape) == 2:
+            x *= shape[1] ** -0.5
+        elif name.endswith("norm.weight"):
+            x = 1 + 0.1 * x
+        else:
+            x *= 0.1
+        out[name] = x.astype(dtype)
+    return out
 
 
 def _select(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], dtype: str,

@@ -32,6 +32,8 @@ ENGINE_OPTIONS = [
     click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
                  help="Fraction of GPU memory for weights, activations and the KV cache."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of requests that set none."),
+    click.option("--enforce-eager", is_flag=True,
+                 help="Run decode steps op by op instead of replaying CUDA graphs (same output, slower)."),
     click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
 ]
 
@@ -63,7 +65,8 @@ def engine_kwargs(o: dict) -> dict:
     return dict(device=None if o["device"] == "auto" else o["device"], dtype=o["dtype"],
                 max_model_len=o["max_model_len"], block_size=int(o["block_size"]), max_num_seqs=o["max_num_seqs"],
                 max_num_batched_tokens=o["max_num_batched_tokens"],
-                gpu_memory_utilization=o["gpu_memory_utilization"], seed=o["seed"])
+                gpu_memory_utilization=o["gpu_memory_utilization"], seed=o["seed"],
+                enforce_eager=o["enforce_eager"])
 
 
 def model_path(o: dict) -> str:

@@ -50,6 +50,7 @@ class AttentionMetadata:
     num_prefill_tokens: int
     max_query_len: int
     max_seq_len: int
+    decode_plan: Any = None   # the GPU's decode-attention plan for this step (layers.cuda_ops.DecodePlan)
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from cupaged.device import array_module, to_numpy
+from cupaged.layers import ops_for
+from cupaged.layers.reference import inverse_cdf, tempered_probs
 from cupaged.engine.sequence import Logprob, Sequence
 
 Array = Any
@@ -38,55 +40,52 @@ def apply_penalties(logits: Array, seqs: list[Sequence], eos_ids: list[int]) -> 
     return logits
 
 
-def filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p: Array, min_p: Array,
-                   sort: bool = True) -> tuple[Array, Array | None]:
-    """Probabilities after temperature and the top-k / top-p / min-p filters, renormalised.
+def _needs_penalties(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+            or seq.num_output_tokens < p.min_tokens)
 
-    With `sort`, rows come back sorted by probability, descending, with `order` [B, V] giving the token id at
-    each position; without it (allowed when no row uses top-k or top-p) rows stay in token order and order is
-    None. top_k 0, top_p 1 and min_p 0 disable their filters.
-    """
+
+def sorted_filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p: Array,
+                          min_p: Array) -> tuple[Array, Array]:
+    """Probabilities after temperature and the min-p / top-k / top-p filters, each row sorted descending, with
+    `order` [B, V] giving the token id at each position. top_k 0, top_p 1 and min_p 0 disable their filters."""
     xp = array_module(logits)
-    scaled = logits / temperature[:, None]
-    probs = xp.exp(scaled - scaled.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    order = None
-    keep = probs >= min_p[:, None] * probs.max(axis=-1, keepdims=True)
-    if sort:
-        order = xp.argsort(-probs, axis=-1)
-        probs = xp.take_along_axis(probs, order, axis=-1)
-        keep = xp.take_along_axis(keep, order, axis=-1)
-        rank = xp.arange(probs.shape[-1])[None, :]
-        keep &= rank < xp.where(top_k > 0, top_k, probs.shape[-1])[:, None]
-        # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        keep &= (xp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-    probs = xp.where(keep, probs, 0.0)
-    return probs / probs.sum(axis=-1, keepdims=True), order
+    probs = tempered_probs(logits, temperature, min_p)
+    order = xp.argsort(-probs, axis=-1)
+    probs = xp.take_along_axis(probs, order, axis=-1)
+    rank = xp.arange(probs.shape[-1])[None, :]
+    keep = rank < xp.where(top_k > 0, top_k, probs.shape[-1])[:, None]
+    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    keep &= (xp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    return xp.where(keep, probs, 0.0), order
 
 
 def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.random.Generator) -> list[int]:
-    """Choose the next token of each sequence from its logits row [B, V] (float32). Records logprobs asked for."""
+    """Choose the next token of each sequence from its logits row [B, V] (float32). Records logprobs asked for.
+
+    Rows without top-k / top-p (the common case) go through `ops.sample_rows`, one fused kernel on the GPU; the
+    others need a sort of the whole vocabulary and run as array code.
+    """
     xp = array_module(logits)
     raw = logits
-    logits = apply_penalties(logits.copy(), seqs, eos_ids)
-    greedy = [s.params.greedy for s in seqs]
-    chosen = xp.argmax(logits, axis=-1)
-    if not all(greedy):
-        params = [s.params for s in seqs]
-        f32 = np.float32
-        temperature = xp.asarray(np.array([1.0 if g else p.temperature for g, p in zip(greedy, params)], f32))
+    if any(_needs_penalties(s) for s in seqs):
+        logits = apply_penalties(logits.copy(), seqs, eos_ids)
+    params = [s.params for s in seqs]
+    f32 = np.float32
+    temperature = np.array([0.0 if p.greedy else p.temperature for p in params], f32)
+    min_p = xp.asarray(np.array([p.min_p for p in params], f32))
+    uniform = xp.asarray(np.array([(s.rng or rng).random() for s in seqs]))
+    if not any(p.top_k > 0 or p.top_p < 1 for p in params):
+        chosen = ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, xp.asarray(temperature), min_p,
+                                                                        uniform)
+    else:
         top_k = xp.asarray(np.array([p.top_k for p in params], np.int64))
         top_p = xp.asarray(np.array([p.top_p for p in params], f32))
-        min_p = xp.asarray(np.array([p.min_p for p in params], f32))
-        uniform = xp.asarray(np.array([(s.rng or rng).random() for s in seqs]))
-        sort = any(p.top_k > 0 or p.top_p < 1 for p in params)  # sorting [B, vocab] is the costly part
-        probs, order = filtered_probs(logits, temperature, top_k, top_p, min_p, sort)
-        # float64: a float32 running sum drifts by ~1e-6 with the batch's shape, enough to move a draw that
-        # lands near a boundary to the neighbouring token and break per-request seeds
-        cdf = xp.cumsum(probs.astype(xp.float64), axis=-1)
-        pos = xp.minimum((cdf < uniform[:, None] * cdf[:, -1:]).sum(axis=-1), probs.shape[-1] - 1)
-        sampled = pos if order is None else xp.take_along_axis(order, pos[:, None], axis=-1)[:, 0]
-        chosen = xp.where(xp.asarray(np.array(greedy)), chosen, sampled)
+        probs, order = sorted_filtered_probs(logits, xp.asarray(np.where(temperature > 0, temperature, 1)), top_k,
+                                             top_p, min_p)
+        sampled = xp.take_along_axis(order, inverse_cdf(probs, uniform)[:, None], axis=-1)[:, 0]
+        chosen = xp.where(xp.asarray(temperature <= 0), xp.argmax(logits, axis=-1), sampled)
     tokens = [int(t) for t in to_numpy(chosen)]
     _record_logprobs(raw, seqs, tokens)
     return tokens

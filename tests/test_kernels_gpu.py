@@ -315,3 +315,128 @@ def test_decode_rejects_mismatched_inputs(ops) -> None:
         ops.paged_attention(rand((1, 4, 64), "float16", rng), k_cache[0], v_cache[0], meta, 0.1)
     with pytest.raises(ValueError, match="multiple of 2"):
         ops.paged_attention(rand((1, 3, 64), "bfloat16", rng), k_cache[0], v_cache[0], meta, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------- GEMM
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, k, n", [(1, 1024, 4096), (37, 1024, 3072), (256, 3072, 1024), (5, 64, 32000)])
+@pytest.mark.parametrize("out_dtype", [None, "float32"])
+def test_matmul_through_our_cublas_handle(ops, dtype, m, k, n, out_dtype) -> None:
+    rng = np.random.default_rng()
+    wide = rand((m, k + 24), dtype, rng)
+    x = wide[:, 8:8 + k]  # rows strided, as a slice of a fused projection is
+    w = rand((k, n), dtype, rng, scale=k ** -0.5)
+    got = ops.matmul(x, w, out_dtype and np.float32)
+    assert got.dtype == (np.float32 if out_dtype else x.dtype)
+    want = x.astype(np.float32) @ w.astype(np.float32)
+    close(got, want, "float32" if dtype == "float32" else dtype)
+
+
+def test_matmul_captured_in_a_cuda_graph(ops) -> None:
+    """Our cuBLAS handle inside a stream capture (CuPy's matmul refuses), replayed on new inputs."""
+    import cupy
+
+    from cupaged.layers import cublas
+
+    rng = np.random.default_rng()
+    x, w = rand((64, 512), "bfloat16", rng), rand((512, 256), "bfloat16", rng, scale=512 ** -0.5)
+    out = cupy.empty((64, 256), dtype=cupy.float32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        ops.matmul(x, w, out=out)
+        cublas.handle().bind(stream.ptr)
+        stream.begin_capture()
+        ops.matmul(x, w, out=out)
+        graph = stream.end_capture()
+    x[...] = rand((64, 512), "bfloat16", rng)
+    w[...] = rand((512, 256), "bfloat16", rng, scale=512 ** -0.5)
+    out.fill(np.nan)
+    graph.launch()
+    close(out, x.astype(np.float32) @ w.astype(np.float32), "bfloat16")
+
+
+# ------------------------------------------------------------------------------------------------- decode plans
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_grid_smaller_than_the_partitions(ops, dtype) -> None:
+    """CTAs loop over partitions when the grid has fewer than a context needs (as in a captured graph)."""
+    import cupy
+
+    rng = np.random.default_rng()
+    seq_lens = [3, 700, 2111, 129, 4000]
+    num_blocks = sum(-(-s // 16) for s in seq_lens) + 2
+    k_cache, v_cache = make_cache(dtype, 1, num_blocks, 2, 16, 128, rng)
+    meta = random_batch(rng, [1] * len(seq_lens), seq_lens, 16, num_blocks, k_cache[0], v_cache[0])
+    q = rand((len(seq_lens), 8, 128), dtype, rng, scale=2.0)
+    want = reference_ops().paged_attention(q, k_cache[0], v_cache[0], meta, 0.3)
+    out = cupy.empty_like(q)
+    ops.paged_decode_attention(out, q, k_cache[0], v_cache[0], meta.block_tables, meta.seq_lens, max(seq_lens), 0.3,
+                               partition=128, grid_splits=3)
+    close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_replayed_from_one_graph(ops, dtype) -> None:
+    """One capture with a graph plan serves steps of other lengths: set_partition, refill inputs, replay."""
+    import cupy
+
+    rng = np.random.default_rng()
+    batch, heads, kv_heads, head_dim, bs, width = 4, 16, 8, 128, 16, 600
+    k_cache, v_cache = make_cache(dtype, 1, 1300, kv_heads, bs, head_dim, rng)
+    plan = ops.decode_plan(batch, heads, kv_heads, head_dim, bs, k_cache.dtype, 1, capacity_len=bs * width)
+    q = cupy.empty((batch, heads, head_dim), dtype=k_cache.dtype)
+    out = cupy.empty_like(q)
+    tables = cupy.zeros((batch, width), dtype=cupy.int32)
+    lens = cupy.ones(batch, dtype=cupy.int32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        ops.run_decode(out, q, k_cache[0], v_cache[0], tables, lens, plan, 0.1)
+        stream.begin_capture()
+        ops.run_decode(out, q, k_cache[0], v_cache[0], tables, lens, plan, 0.1)
+        graph = stream.end_capture()
+        stream.synchronize()
+    for seq_lens in ([5, 17, 300, 1], [8000, 64, 4097, 1000], [9600, 9599, 1, 2]):
+        # new contents in the caches the graph was captured with (NaN where this step's sequences own nothing)
+        k_cache[...] = rand(k_cache.shape, dtype, rng)
+        v_cache[...] = rand(v_cache.shape, dtype, rng)
+        meta = random_batch(rng, [1] * batch, seq_lens, bs, 1300, k_cache[0], v_cache[0])
+        q[...] = rand(q.shape, dtype, rng, scale=2.0)
+        want = reference_ops().paged_attention(q, k_cache[0], v_cache[0], meta, 0.1)
+        tables[:, :meta.block_tables.shape[1]] = meta.block_tables
+        lens[...] = meta.seq_lens
+        ops.set_partition(plan, max(seq_lens))
+        out.fill(np.nan)
+        graph.launch()
+        cupy.cuda.Device().synchronize()
+        close(out, want, dtype)
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("vocab", [151936, 1000, 37])
+def test_sample_rows_is_the_inverse_cdf(ops, vocab) -> None:
+    """Greedy rows are the argmax; sampled rows are the token whose CDF interval (float64, from the reference's
+    weights) holds u * total, up to float32 rounding of the running sums."""
+    import cupy
+
+    rng = np.random.default_rng()
+    batch = 48
+    logits = rand((batch, vocab), "float32", rng, scale=3.0)
+    logits[3, 5 % vocab] = logits[3].max()  # a tie: the first index wins, as numpy's argmax
+    temperature = rng.uniform(0.3, 1.5, batch).astype(np.float32)
+    temperature[:8] = 0
+    min_p = rng.choice([0.0, 0.02, 0.3], batch).astype(np.float32)
+    uniform = rng.random(batch)
+    uniform[8] = 0.999999
+    got = ops.sample_rows(logits, cupy.asarray(temperature), cupy.asarray(min_p), cupy.asarray(uniform)).get()
+    again = ops.sample_rows(logits, cupy.asarray(temperature), cupy.asarray(min_p), cupy.asarray(uniform)).get()
+    assert (got == again).all(), "not deterministic"
+    host = logits.get().astype(np.float64)
+    assert (got[:8] == host[:8].argmax(axis=-1)).all()
+    for b in range(8, batch):
+        w = np.exp((host[b] - host[b].max()) / temperature[b])
+        w[w < min_p[b]] = 0
+        cdf = np.cumsum(w)
+        target, slack = uniform[b] * cdf[-1], 1e-5 * cdf[-1]
+        token = got[b]
+        assert 0 <= token < vocab and w[token] > 0, (b, token)
+        below = cdf[token - 1] if token else 0.0
+        assert below - slack <= target <= cdf[token] + slack, (b, token, below, target, cdf[token])

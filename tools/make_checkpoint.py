@@ -335,12 +335,13 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], d
 
 
 def make_checkpoint(out_dir: str | Path, preset: str, dtype: str = "float32", seed: int = 0,
-                    shard_bytes: int | None = None, **config_overrides: object) -> Path:
+                    shard_bytes: int | None = None, weights: bool = True, **config_overrides: object) -> Path:
     """Write a checkpoint directory for `preset` (a key of PRESETS) and return its path.
 
     `dtype` is float32, float16 or bfloat16; `shard_bytes` splits the weights into files of at most about that
     size (a tensor is never split); `config_overrides` replace config.json entries (max_position_embeddings=4096,
-    num_hidden_layers=4, ...). Stale model*.safetensors files in `out_dir` are removed first.
+    num_hidden_layers=4, ...). Stale model*.safetensors files in `out_dir` are removed first. Without `weights`
+    only the config and tokenizer files are written (for `LLMEngine(..., load_format="dummy")`).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -394,6 +395,8 @@ def make_checkpoint(out_dir: str | Path, preset: str, dtype: str = "float32", se
         used += nbytes
     for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         old.unlink()
+    if not weights:
+        return out
     rng = np.random.default_rng(seed)  # drawn tensor by tensor in sorted name order, across the shards
     total = 0
     weight_map: dict[str, str] = {}

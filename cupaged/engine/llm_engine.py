@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cupaged import device as devices
-from cupaged.checkpoint import open_checkpoint
+from cupaged.checkpoint import dummy_weights, open_checkpoint
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner
 from cupaged.engine.scheduler import Scheduler
@@ -76,7 +76,7 @@ class LLMEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto"):
         if block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {block_size}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -88,18 +88,25 @@ class LLMEngine:
         self.dtype = devices.resolve_dtype(dtype)
         t0 = time.perf_counter()
         self.config, self.tokenizer, read_tensors = open_checkpoint(model)
-        tensors = read_tensors(expected_weights(self.config), self.dtype.name)
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
+        if load_format == "dummy":
+            tensors = dummy_weights(expected_weights(self.config), self.dtype, xp, seed)
+        else:
+            tensors = read_tensors(expected_weights(self.config), self.dtype.name)
         model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
         self.runner = ModelRunner(self.config, tensors, self.dtype, self.device, xp, block_size,
-                                  max_num_batched_tokens, model_len)
+                                  max_num_batched_tokens, model_len, max_num_seqs)
         del tensors
         num_blocks = num_kv_blocks or self.runner.profile_num_blocks(gpu_memory_utilization, cpu_kv_cache_bytes)
-        self.runner.allocate_cache(num_blocks)
         if num_blocks * block_size < model_len:
             logger.warning("the KV cache holds %d tokens, fewer than the model's context; max_model_len is now %d",
                            num_blocks * block_size, num_blocks * block_size)
             model_len = num_blocks * block_size
+        self.runner.allocate_cache(num_blocks, model_len)
+        if self.device == "cuda" and not enforce_eager:
+            self.runner.capture_decode_graphs()
         self.max_model_len = model_len
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)

@@ -1,5 +1,6 @@
 """Runs the model for a scheduled batch: builds the flattened inputs, calls the forward pass, returns logits.
 
+Decode-only steps are padded to fixed batch sizes and, on the GPU, replayed from CUDA graphs (decode_graphs.py).
 It also owns the KV cache and sizes it from memory: on the GPU, `gpu_memory_utilization` of the card less
 what the weights and the peak activations of the largest batch take (measured by a dummy forward); on the CPU,
 a byte budget.
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cupaged.config import ModelConfig
+from cupaged.engine.decode_graphs import DecodeGraphs, DecodeInputs, graph_batch_sizes, padded_size
 from cupaged.kv_cache import AttentionMetadata, KVCache
 from cupaged.layers import ops_for
 from cupaged.models.llama import LlamaModel
@@ -23,13 +25,17 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype, device: str,
-                 xp: ModuleType, block_size: int, max_num_batched_tokens: int, max_model_len: int):
+                 xp: ModuleType, block_size: int, max_num_batched_tokens: int, max_model_len: int,
+                 max_num_seqs: int):
         self.config, self.dtype, self.device, self.xp = config, dtype, device, xp
         self.block_size = block_size
         self.model = LlamaModel(config, tensors, ops_for(device), xp, max_positions=max_model_len)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.cache: KVCache | None = None
+        self.decode_sizes = graph_batch_sizes(max_num_seqs)
+        self.decode_inputs = DecodeInputs(xp, max_num_seqs, -(-max_model_len // block_size), block_size)
+        self.graphs: DecodeGraphs | None = None
 
     def bytes_per_block(self) -> int:
         return KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
@@ -67,8 +73,13 @@ class ModelRunner:
                                "max_num_batched_tokens")
         return num_blocks
 
-    def allocate_cache(self, num_blocks: int) -> None:
+    def allocate_cache(self, num_blocks: int, max_model_len: int) -> None:
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.xp)
+        self.max_model_len = max_model_len
+
+    def capture_decode_graphs(self) -> None:
+        """Capture the decode step of every padded batch size (after allocate_cache; GPU only)."""
+        self.graphs = DecodeGraphs(self.model, self.cache, self.decode_inputs, self.decode_sizes, self.max_model_len)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks (every layer, K and V): copy-on-write before a shared block is written."""
@@ -81,6 +92,8 @@ class ModelRunner:
 
         Returns (logits of the sequences whose last token was computed, which need a new token; their indices).
         """
+        if all(n == 1 for n in num_new_tokens) and len(seqs) <= self.decode_sizes[-1]:
+            return self._run_decode(seqs)
         xp = self.xp
         input_ids: list[int] = []
         query_lens, seq_lens, tables, sample_rows, sample_idx = [], [], [], [], []
@@ -100,3 +113,19 @@ class ModelRunner:
         if not sample_rows:
             return None, []
         return self.model.logits(hidden[xp.asarray(np.array(sample_rows))]), sample_idx
+
+    def _run_decode(self, seqs: list[Any]) -> tuple[Any, list[int]]:
+        """One token per sequence, padded to a graph batch size: replayed from its CUDA graph, or run eagerly."""
+        batch = padded_size(len(seqs), self.decode_sizes)
+        meta, max_seq_len = self.decode_inputs.fill(seqs, batch)
+        if self.graphs is not None and batch in self.graphs.graphs:
+            logits = self.graphs.replay(batch, max_seq_len)
+        else:
+            hidden = self.model.forward(self.decode_inputs.input_ids[:batch], meta, self.cache)
+            logits = self.model.logits(hidden)
+        rows = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == seq.num_tokens]
+        if not rows:
+            return None, []
+        if len(rows) == len(seqs):
+            return logits[:len(seqs)], rows
+        return logits[self.xp.asarray(np.array(rows))], rows

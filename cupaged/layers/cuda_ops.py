@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import cupy
@@ -21,7 +22,7 @@ import numpy as np
 
 from cupaged.kernels import ctype, kernel
 from cupaged.kv_cache import AttentionMetadata
-from cupaged.layers import flash_prefill, reference
+from cupaged.layers import cublas, flash_prefill, reference
 
 FLASH_PREFILL = True  # False: prefill through the reference math (bench/bench_ttft.py compares the two)
 
@@ -60,6 +61,18 @@ def _require_float(what: str, a: Array) -> None:
 
 def _rows_per_block() -> int:
     return THREADS // 32
+
+
+# ---------------------------------------------------------------------------------------------------- GEMM
+def matmul(x: Array, w: Array, out_dtype: Any = None, out: Array | None = None) -> Array:
+    """x [M, K] @ w [K, N] through our own cuBLAS handle (capturable in CUDA graphs), in out_dtype (x's if None),
+    into `out` (contiguous [M, N]) if given."""
+    out_dtype = np.dtype(out.dtype if out is not None else out_dtype or x.dtype)
+    if not cublas.supported(x, w, out_dtype) or (out is not None and not out.flags.c_contiguous):
+        return reference.matmul(x, w, out_dtype, out)
+    if out is None:
+        out = cupy.empty((x.shape[0], w.shape[1]), dtype=out_dtype)
+    return cublas.handle().matmul(x, w, out)
 
 
 # ---------------------------------------------------------------------------------------------------- norms
@@ -160,6 +173,22 @@ def silu_and_mul(x: Array) -> Array:
         kernel("activation.cu", f"silu_and_mul<{ctype(x.dtype)}>")(
             (math.ceil(total / 256),), (256,), (out, x, np.int32(tokens), np.int32(inter)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def sample_rows(logits: Array, temperature: Array, min_p: Array, uniform: Array) -> Array:
+    """Token per row of float32 logits [B, V] (see the reference), one CTA per row: nothing [B, V] is written."""
+    _require(logits.ndim == 2 and _name(logits) == "float32" and logits.strides[1] == 4,
+             f"sample_rows: logits must be float32 rows [B, V], got {logits.shape} {_name(logits)}")
+    batch, vocab = logits.shape
+    tokens = cupy.empty(batch, dtype=cupy.int32)
+    if batch:
+        as_f32 = lambda a: cupy.ascontiguousarray(a, dtype=cupy.float32)  # noqa: E731
+        kernel("sampling.cu", "sample_rows")(
+            (batch,), (1024,), (tokens, logits, np.int64(logits.strides[0] // 4), np.int32(vocab),
+                                as_f32(temperature), as_f32(min_p), as_f32(uniform)),
+            shared_mem=4 * -(-vocab // 256))
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------------- KV cache
@@ -290,57 +319,145 @@ def decode_supported(dtype: np.dtype, head_dim: int, block_size: int) -> bool:
     return _tc_supported(dtype, head_dim, block_size) or _simt_supported(dtype, head_dim)
 
 
-def paged_decode_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, block_tables: Array,
-                           seq_lens: Array, max_seq_len: int, scale: float, partition: int | None = None) -> None:
-    """out [B, Hq, D] (contiguous) = attention of one query per sequence, q [B, Hq, D], over the paged cache.
+@functools.cache
+def _device_int(value: int) -> Array:
+    """A device int32 [1] holding `value`, made once: the decode kernels read their partition size from one."""
+    return cupy.asarray(np.array([value], dtype=np.int32))
 
-    block_tables int32 [B, max_blocks], seq_lens int32 [B] (every entry >= 1), max_seq_len >= max(seq_lens).
-    `partition` (tokens per CTA, a multiple of 64) overrides the heuristic: for tests and tuning.
+
+@dataclass
+class DecodePlan:
+    """How the decode kernels split a batch's contexts (see cuda/paged_attention.cu).
+
+    For an eager call everything is sized for the step. For a captured CUDA graph the grid, the workspace and the
+    partition buffer are fixed at capture and `set_partition` writes each step's partition before the replay; the
+    partition is a function of the batch size and the step's longest context only, in both cases, so a replay
+    computes exactly what the eager call would.
     """
-    batch, num_heads, head_dim = q.shape
-    if batch == 0:
-        return
-    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+
+    kernel: str            # name expression of the attention kernel
+    reduce: str            # ... and of the kernel that combines partitions
+    tensor_cores: bool
+    heads: int             # query heads per CTA
+    chunks: int            # CTAs per KV head (group // heads)
+    work: int              # sequences x KV heads x chunks
+    block_arg: int         # log2(block_size) for the tensor-core kernel, block_size for the CUDA-core one
+    smem: int              # dynamic shared memory per CTA, bytes
+    grid_splits: int       # CTAs along each context; they loop when the context has more partitions
+    max_splits: int        # partitions per (sequence, head) the workspace holds
+    partition: int         # tokens per partition (this step's)
+    partition_buf: Array   # int32 [1] on the device holding it
+    part_out: Array        # float32 partial outputs [rows * max_splits * head_dim]
+    part_ml: Array         # float32 partial (max, sum) pairs [rows * max_splits * 2]
+
+
+def _choose_partition(plan: DecodePlan, max_seq_len: int) -> int:
+    if plan.tensor_cores:
+        return decode_partition(plan.work, max_seq_len, _ctas_per_sm(plan.kernel, _tc_smem(TC_PARTITION_MAX, 8)))
+    return simt_partition(plan.work, plan.heads, max_seq_len)
+
+
+def _tc_smem(partition: int, block_size: int) -> int:
+    return 4 * (partition // block_size + 2)
+
+
+def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: np.dtype,
+                max_seq_len: int, partition: int | None = None, grid_splits: int | None = None,
+                capacity_len: int | None = None) -> DecodePlan:
+    """Plan the decode attention of `batch` sequences whose longest context is max_seq_len.
+
+    `partition` overrides the heuristic (tests, tuning); `grid_splits` fixes the grid (tests of the looping path);
+    `capacity_len` plans for a CUDA graph: the workspace, the shared memory and a partition buffer of its own are
+    sized for every context up to capacity_len, and the grid fills the GPU (set_partition then picks the step's
+    partition).
+    """
     group = num_heads // num_kv_heads
     heads = heads_per_cta(group)
     chunks = group // heads
+    t = ctype(dtype)
+    tc = _tc_supported(dtype, head_dim, block_size)
+    kernel_name = f"paged_decode_tc<{t}, {head_dim}, {heads}>" if tc else f"paged_decode_simt<{t}, {head_dim}, {heads}>"
+    plan = DecodePlan(kernel_name, f"paged_decode_reduce<{t}, {head_dim}>", tc, heads, chunks,
+                      batch * num_kv_heads * chunks, block_size.bit_length() - 1 if tc else block_size, 0, 0, 0, 0,
+                      None, None, None)
+    partition = partition or _choose_partition(plan, max_seq_len)
+    _require(partition % 64 == 0, f"paged_decode_attention: partition {partition} is not a multiple of 64")
+    _require(tc or heads * partition <= 8192, "paged_decode_attention: partition too large for the CUDA-core kernel")
+    rows = batch * num_heads
+    if capacity_len is None:
+        plan.max_splits = math.ceil(max_seq_len / partition)
+        plan.grid_splits = grid_splits or plan.max_splits
+        biggest = partition
+        plan.partition_buf = _device_int(partition)
+        if plan.max_splits > 1:
+            ws = _workspace(rows * plan.max_splits * (head_dim + 2))
+            plan.part_out, plan.part_ml = ws[:rows * plan.max_splits * head_dim], ws[rows * plan.max_splits * head_dim:]
+        else:
+            plan.part_out = plan.part_ml = _workspace(1)  # not written: every context fits one partition
+    else:
+        # every partition the heuristic may choose for contexts up to capacity_len (a few hundred cheap calls)
+        choices = {L: _choose_partition(plan, L) for L in range(64, capacity_len + 64, 64)}
+        plan.max_splits = max(math.ceil(L / p) for L, p in choices.items())
+        biggest = max(choices.values())
+        slots = _num_sms() * (_ctas_per_sm(kernel_name, _tc_smem(TC_PARTITION_MAX, 8)) if tc else 4)
+        plan.grid_splits = min(plan.max_splits, max(1, math.ceil(slots / plan.work)))
+        plan.partition_buf = cupy.asarray(np.array([partition], dtype=np.int32))
+        plan.part_out = cupy.empty(rows * plan.max_splits * head_dim, dtype=cupy.float32)
+        plan.part_ml = cupy.empty(rows * plan.max_splits * 2, dtype=cupy.float32)
+    plan.partition = partition
+    plan.smem = _tc_smem(biggest, block_size) if tc else 4 * max(heads * biggest, 4 * heads * head_dim)
+    return plan
+
+
+def set_partition(plan: DecodePlan, max_seq_len: int) -> None:
+    """Write the partition for a step whose longest context is max_seq_len into a graph plan's buffer."""
+    partition = _choose_partition(plan, max_seq_len)
+    _require(math.ceil(max_seq_len / partition) <= plan.max_splits,
+             f"decode plan: a context of {max_seq_len} tokens is longer than the plan was made for")
+    if partition != plan.partition:
+        plan.partition_buf.set(np.array([partition], dtype=np.int32))
+        plan.partition = partition
+
+
+def run_decode(out: Array, q: Array, k_cache: Array, v_cache: Array, block_tables: Array, seq_lens: Array,
+               plan: DecodePlan, scale: float) -> None:
+    """out [B, Hq, D] (contiguous) = attention of one query per sequence, q [B, Hq, D], as `plan` says."""
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return
+    num_kv_heads = k_cache.shape[1]
     q, q_stride = _heads_view(q)
     if q_stride % _vec(q.dtype) or not _aligned(q):
         q = cupy.ascontiguousarray(q)
         q_stride = num_heads * head_dim
-    t = ctype(q.dtype)
     tables = block_tables if _name(block_tables) == "int32" else block_tables.astype(cupy.int32)
     lens = seq_lens if _name(seq_lens) == "int32" else seq_lens.astype(cupy.int32)
-    work = batch * num_kv_heads * chunks
-    if _tc_supported(q.dtype, head_dim, block_size):
-        name = f"paged_decode_tc<{t}, {head_dim}, {heads}>"
-        bs_log2 = block_size.bit_length() - 1
-        if partition is None:
-            partition = decode_partition(work, max_seq_len, _ctas_per_sm(name, 4 * (TC_PARTITION_MAX // 8 + 2)))
-        smem = 4 * ((partition >> bs_log2) + 2)
-        block_arg = np.int32(bs_log2)
-    else:
-        name = f"paged_decode_simt<{t}, {head_dim}, {heads}>"
-        partition = partition or simt_partition(work, heads, max_seq_len)
-        _require(heads * partition <= 8192, "paged_decode_attention: partition too large for the CUDA-core kernel")
-        smem = 4 * max(heads * partition, 4 * heads * head_dim)
-        block_arg = np.int32(block_size)
-    _require(partition % 64 == 0, f"paged_decode_attention: partition {partition} is not a multiple of 64")
-    splits = math.ceil(max_seq_len / partition)
-    if splits > 1:
-        rows = batch * num_heads * splits
-        ws = _workspace(rows * (head_dim + 2))
-        part_out, part_ml = ws[:rows * head_dim], ws[rows * head_dim:rows * (head_dim + 2)]
-    else:
-        part_out = part_ml = out  # not written: every sequence fits one partition
-    kernel("paged_attention.cu", name)(
-        (num_kv_heads * chunks, splits, batch), (THREADS,),
-        (out, part_out, part_ml, q, np.int64(q_stride), k_cache, v_cache, tables, np.int32(tables.shape[1]),
-         lens, np.int32(num_kv_heads), np.int32(group), np.int32(chunks), block_arg, np.int32(partition),
-         np.int32(splits), np.float32(scale * LOG2E)), shared_mem=smem)
-    if splits > 1:
-        kernel("paged_attention.cu", f"paged_decode_reduce<{t}, {head_dim}>")(
-            (num_heads, batch), (THREADS,), (out, part_out, part_ml, lens, np.int32(partition), np.int32(splits)))
+    kernel("paged_attention.cu", plan.kernel)(
+        (num_kv_heads * plan.chunks, plan.grid_splits, batch), (THREADS,),
+        (out, plan.part_out, plan.part_ml, q, np.int64(q_stride), k_cache, v_cache, tables,
+         np.int32(tables.shape[1]), lens, np.int32(num_kv_heads), np.int32(num_heads // num_kv_heads),
+         np.int32(plan.chunks), np.int32(plan.block_arg), plan.partition_buf, np.int32(plan.max_splits),
+         np.float32(scale * LOG2E)), shared_mem=plan.smem)
+    if plan.max_splits > 1:
+        kernel("paged_attention.cu", plan.reduce)(
+            (num_heads, batch), (THREADS,),
+            (out, plan.part_out, plan.part_ml, lens, plan.partition_buf, np.int32(plan.max_splits)))
+
+
+def paged_decode_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, block_tables: Array,
+                           seq_lens: Array, max_seq_len: int, scale: float, partition: int | None = None,
+                           grid_splits: int | None = None) -> None:
+    """out [B, Hq, D] (contiguous) = attention of one query per sequence, q [B, Hq, D], over the paged cache.
+
+    block_tables int32 [B, max_blocks], seq_lens int32 [B] (every entry >= 1), max_seq_len >= max(seq_lens).
+    `partition` (tokens per CTA, a multiple of 64) overrides the heuristic and `grid_splits` the grid: for tests
+    and tuning.
+    """
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    plan = decode_plan(batch, num_heads, num_kv_heads, head_dim, block_size, q.dtype, max_seq_len, partition,
+                       grid_splits)
+    run_decode(out, q, k_cache, v_cache, block_tables, seq_lens, plan, scale)
 
 
 def _prefill_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata,
@@ -384,7 +501,9 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMet
     else:
         _prefill_attention(out, q, k_cache, v_cache, meta, range(prefills), scale)
     if num_seqs > prefills:
-        max_len = int(meta.seq_lens_host[prefills:].max())
-        paged_decode_attention(out[prefill_tokens:], q[prefill_tokens:], k_cache, v_cache,
-                               meta.block_tables[prefills:], meta.seq_lens[prefills:], max_len, scale)
+        if meta.decode_plan is None:  # planned once per step, for all layers (a captured graph brings its own)
+            meta.decode_plan = decode_plan(num_seqs - prefills, q.shape[1], num_kv_heads, head_dim, block_size,
+                                           q.dtype, int(meta.seq_lens_host[prefills:].max()))
+        run_decode(out[prefill_tokens:], q[prefill_tokens:], k_cache, v_cache, meta.block_tables[prefills:],
+                   meta.seq_lens[prefills:], meta.decode_plan, scale)
     return out

@@ -14,6 +14,15 @@ from cupaged.kv_cache import AttentionMetadata
 Array = Any  # numpy.ndarray or cupy.ndarray
 
 
+def matmul(x: Array, w: Array, out_dtype: Any = None, out: Array | None = None) -> Array:
+    """x [M, K] @ w [K, N] in out_dtype (x's dtype if None), written into `out` if given."""
+    y = x @ w
+    if out is not None:
+        out[...] = y
+        return out
+    return y if out_dtype is None else y.astype(out_dtype)
+
+
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis."""
     xp = array_module(x)
@@ -68,6 +77,33 @@ def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array) -> None:
     """Copy blocks src[i] -> dst[i] in every layer of the caches [layers, blocks, Hkv, block_size, D]."""
     k_cache[:, dst] = k_cache[:, src]
     v_cache[:, dst] = v_cache[:, src]
+
+
+def tempered_probs(logits: Array, temperature: Array, min_p: Array) -> Array:
+    """softmax(logits / temperature) per row [B, V], entries under min_p x the row's largest set to 0."""
+    xp = array_module(logits)
+    scaled = logits / temperature[:, None]
+    probs = xp.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return xp.where(probs >= min_p[:, None] * probs.max(axis=-1, keepdims=True), probs, 0.0)
+
+
+def inverse_cdf(weights: Array, uniform: Array) -> Array:
+    """Per row, the first index whose running sum of weights reaches uniform x the row's total."""
+    xp = array_module(weights)
+    # float64: a float32 running sum drifts by ~1e-6 with the array's shape, enough to move a draw that lands near
+    # a boundary to the neighbouring token and break per-request seeds
+    cdf = xp.cumsum(weights.astype(xp.float64), axis=-1)
+    return xp.minimum((cdf < uniform[:, None] * cdf[:, -1:]).sum(axis=-1), weights.shape[-1] - 1)
+
+
+def sample_rows(logits: Array, temperature: Array, min_p: Array, uniform: Array) -> Array:
+    """Token per row of float32 logits [B, V]: argmax where temperature <= 0, else an inverse-CDF draw with
+    uniform [B] from softmax(logits / temperature) after the min-p filter."""
+    xp = array_module(logits)
+    greedy = temperature <= 0
+    probs = tempered_probs(logits, xp.where(greedy, 1.0, temperature).astype(xp.float32), min_p)
+    return xp.where(greedy, xp.argmax(logits, axis=-1), inverse_cdf(probs, uniform)).astype(xp.int32)
 
 
 def gather_kv(cache: Array, block_table: Array, seq_len: int) -> Array:

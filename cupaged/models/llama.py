@@ -3,7 +3,8 @@
 The forward pass takes a flattened batch of tokens from many sequences, prefills and decodes mixed, and the
 AttentionMetadata that says where each token sits (DESIGN.md). Weights are stored transposed ([in, out]) and
 fused (q|k|v, gate|up) at load time so each layer is four GEMMs. `ops` is the op set of the device
-(layers.reference on the CPU, layers.cuda_ops on the GPU); the GEMMs are plain `@` (cuBLAS through CuPy).
+(layers.reference on the CPU, layers.cuda_ops on the GPU, whose GEMMs go through a cuBLAS handle of its own so
+that CUDA graphs can capture them).
 """
 
 from __future__ import annotations
@@ -49,36 +50,41 @@ def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class Layer:
-    """One decoder layer's weights, fused and transposed for `x @ w`."""
+    """One decoder layer's weights, moved to the device, then fused and transposed there for `x @ w`."""
 
-    def __init__(self, t: dict[str, np.ndarray], prefix: str, xp: ModuleType):
-        def get(name: str) -> np.ndarray:
-            return t[prefix + name]
+    def __init__(self, t: dict[str, Array], prefix: str, xp: ModuleType):
+        def get(name: str) -> Array:
+            return xp.asarray(t[prefix + name])
 
-        self.input_norm = xp.asarray(get("input_layernorm.weight"))
-        self.post_norm = xp.asarray(get("post_attention_layernorm.weight"))
-        qkv = [get(f"self_attn.{n}_proj.weight") for n in "qkv"]
-        self.w_qkv = xp.asarray(np.ascontiguousarray(np.concatenate(qkv).T))
-        self.b_qkv = xp.asarray(np.concatenate([get(f"self_attn.{n}_proj.bias") for n in "qkv"])) \
+        def fused_t(*names: str) -> Array:  # [in, sum of outs], contiguous
+            return xp.ascontiguousarray(xp.concatenate([get(n) for n in names]).T)
+
+        def optional(name: str) -> Array | None:
+            return get(name) if prefix + name in t else None
+
+        self.input_norm = get("input_layernorm.weight")
+        self.post_norm = get("post_attention_layernorm.weight")
+        self.w_qkv = fused_t("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+        self.b_qkv = xp.concatenate([get(f"self_attn.{n}_proj.bias") for n in "qkv"]) \
             if prefix + "self_attn.q_proj.bias" in t else None
-        self.w_o = xp.asarray(np.ascontiguousarray(get("self_attn.o_proj.weight").T))
-        gate_up = np.concatenate([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
-        self.w_gate_up = xp.asarray(np.ascontiguousarray(gate_up.T))
-        self.w_down = xp.asarray(np.ascontiguousarray(get("mlp.down_proj.weight").T))
-        self.q_norm = xp.asarray(get("self_attn.q_norm.weight")) if prefix + "self_attn.q_norm.weight" in t else None
-        self.k_norm = xp.asarray(get("self_attn.k_norm.weight")) if prefix + "self_attn.k_norm.weight" in t else None
+        self.w_o = fused_t("self_attn.o_proj.weight")
+        self.w_gate_up = fused_t("mlp.gate_proj.weight", "mlp.up_proj.weight")
+        self.w_down = fused_t("mlp.down_proj.weight")
+        self.q_norm = optional("self_attn.q_norm.weight")  # Qwen3
+        self.k_norm = optional("self_attn.k_norm.weight")
 
 
 class LlamaModel:
     """Weights on the device plus the forward pass."""
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], ops: ModuleType, xp: ModuleType,
+    def __init__(self, config: ModelConfig, tensors: dict[str, Array], ops: ModuleType, xp: ModuleType,
                  max_positions: int | None = None):
+        """`tensors`: expected_weights' names to NumPy (host) or device arrays."""
         self.config, self.ops, self.xp = config, ops, xp
         self.embed = xp.asarray(tensors["model.embed_tokens.weight"])
         self.final_norm = xp.asarray(tensors["model.norm.weight"])
-        head = tensors["model.embed_tokens.weight"] if config.tie_word_embeddings else tensors["lm_head.weight"]
-        self.lm_head = xp.asarray(np.ascontiguousarray(head.T))
+        head = self.embed if config.tie_word_embeddings else xp.asarray(tensors["lm_head.weight"])
+        self.lm_head = xp.ascontiguousarray(head.T)
         self.layers = [Layer(tensors, f"model.layers.{i}.", xp) for i in range(config.num_layers)]
         self.cos_sin = xp.asarray(rope_cos_sin(config, max_positions or config.max_position_embeddings))
         self.scale = config.head_dim ** -0.5
@@ -98,7 +104,7 @@ class LlamaModel:
                 x, residual = ops.rms_norm(hidden, layer.input_norm, eps), hidden.astype(self.xp.float32)
             else:
                 x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
-            qkv = x @ layer.w_qkv
+            qkv = ops.matmul(x, layer.w_qkv)
             if layer.b_qkv is not None:
                 qkv = qkv + layer.b_qkv
             q = qkv[:, :q_size].reshape(tokens, c.num_heads, c.head_dim)
@@ -110,13 +116,13 @@ class LlamaModel:
             q, k = ops.apply_rotary(q, k, meta.positions, self.cos_sin)
             ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
             attn = ops.paged_attention(q, cache.k[i], cache.v[i], meta, self.scale)
-            hidden = attn.reshape(tokens, q_size) @ layer.w_o
+            hidden = ops.matmul(attn.reshape(tokens, q_size), layer.w_o)
             x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, eps)
-            hidden = ops.silu_and_mul(x @ layer.w_gate_up) @ layer.w_down
+            hidden = ops.matmul(ops.silu_and_mul(ops.matmul(x, layer.w_gate_up)), layer.w_down)
         if residual is None:
             return ops.rms_norm(hidden, self.final_norm, eps)
         return ops.add_rms_norm(hidden, residual, self.final_norm, eps)[0]
 
-    def logits(self, hidden: Array) -> Array:
-        """float32 logits [N, vocab] for hidden states [N, hidden]."""
-        return (hidden @ self.lm_head).astype(self.xp.float32)
+    def logits(self, hidden: Array, out: Array | None = None) -> Array:
+        """float32 logits [N, vocab] for hidden states [N, hidden] (into `out` if given)."""
+        return self.ops.matmul(hidden, self.lm_head, self.xp.float32, out)
