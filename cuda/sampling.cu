@@ -48,7 +48,7 @@ sample_rows(int* __restrict__ tokens, const float* __restrict__ logits, long lon
     const float* x = logits + b * stride;
 
     // ---- pass 1: max, first index of it (ties: the lowest index, as numpy's argmax)
-    float best = -INFINITY;
+    float best = neg_inf();
     int arg = vocab;
     for (int i = tid; i < vocab; i += THREADS) {
         const float v = x[i];
