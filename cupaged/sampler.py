@@ -74,17 +74,16 @@ def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.rand
     params = [s.params for s in seqs]
     f32 = np.float32
     temperature = np.array([0.0 if p.greedy else p.temperature for p in params], f32)
-    min_p = xp.asarray(np.array([p.min_p for p in params], f32))
-    uniform = xp.asarray(np.array([(s.rng or rng).random() for s in seqs]))
+    min_p = np.array([p.min_p for p in params], f32)
+    uniform = np.array([(s.rng or rng).random() for s in seqs])
     if not any(p.top_k > 0 or p.top_p < 1 for p in params):
-        chosen = ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, xp.asarray(temperature), min_p,
-                                                                        uniform)
+        chosen = ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, temperature, min_p, uniform)
     else:
         top_k = xp.asarray(np.array([p.top_k for p in params], np.int64))
         top_p = xp.asarray(np.array([p.top_p for p in params], f32))
         probs, order = sorted_filtered_probs(logits, xp.asarray(np.where(temperature > 0, temperature, 1)), top_k,
-                                             top_p, min_p)
-        sampled = xp.take_along_axis(order, inverse_cdf(probs, uniform)[:, None], axis=-1)[:, 0]
+                                             top_p, xp.asarray(min_p))
+        sampled = xp.take_along_axis(order, inverse_cdf(probs, xp.asarray(uniform))[:, None], axis=-1)[:, 0]
         chosen = xp.where(xp.asarray(temperature <= 0), xp.argmax(logits, axis=-1), sampled)
     tokens = [int(t) for t in to_numpy(chosen)]
     _record_logprobs(raw, seqs, tokens)

@@ -426,8 +426,8 @@ def test_sample_rows_is_the_inverse_cdf(ops, vocab) -> None:
     min_p = rng.choice([0.0, 0.02, 0.3], batch).astype(np.float32)
     uniform = rng.random(batch)
     uniform[8] = 0.999999
-    got = ops.sample_rows(logits, cupy.asarray(temperature), cupy.asarray(min_p), cupy.asarray(uniform)).get()
-    again = ops.sample_rows(logits, cupy.asarray(temperature), cupy.asarray(min_p), cupy.asarray(uniform)).get()
+    got = ops.sample_rows(logits, temperature, min_p, uniform).get()
+    again = ops.sample_rows(logits, temperature, min_p, uniform).get()
     assert (got == again).all(), "not deterministic"
     host = logits.get().astype(np.float64)
     assert (got[:8] == host[:8].argmax(axis=-1)).all()

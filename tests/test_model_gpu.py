@@ -81,16 +81,18 @@ def test_gpu_engine_bf16_greedy_matches_transformers(checkpoints) -> None:
 
     path = checkpoints("qwen3-tiny")
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(0, 1000, int(rng.integers(4, 60))).tolist() for _ in range(4)]
+    prompts = [rng.integers(0, 1000, int(rng.integers(4, 60))).tolist() for _ in range(16)]
     from tools.make_reference_logits import reference_logits
 
     expected = reference_greedy(path, prompts, max_new_tokens=32, dtype="bfloat16", device="cuda")
     outs = LLM(str(path), device="cuda", dtype="bfloat16", num_kv_blocks=256).generate(
         prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    equal = 0
     for prompt, out, ref in zip(prompts, outs, expected):
         ours = out.outputs[0].token_ids
         same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
         if same == len(ref):
+            equal += 1
             continue
         # Two bf16 programs that round at different points may only part ways at a near tie: the float32
         # logits there must have the two tokens within bf16 noise of each other.
@@ -98,6 +100,10 @@ def test_gpu_engine_bf16_greedy_matches_transformers(checkpoints) -> None:
         gap = abs(logits[ours[same]] - logits[ref[same]])
         print(f"bf16 greedy: {same} tokens equal, then a tie within {gap:.4f} (logit std {logits.std():.3f})")
         assert gap < 0.02 * np.abs(logits).max()
+    # random weights give flat distributions, where near-ties are common (~2% of tokens here): about half the
+    # prompts get through 32 tokens without one
+    print(f"bf16 greedy: {equal} of {len(prompts)} prompts equal to transformers' for all 32 tokens")
+    assert equal >= 3
 
 
 def test_cli_run_on_cuda(checkpoints) -> None:

@@ -18,6 +18,7 @@ replayed, it costs one launch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from types import ModuleType
@@ -67,13 +68,16 @@ class DecodeInputs:
         host = np.zeros((4, batch), dtype=np.int32)
         host[2] = -1
         host[3] = 1
-        width = max(len(s.block_table) for s in seqs)
+        pos = np.fromiter((s.num_computed_tokens for s in seqs), np.int32, n)
+        host[0, :n] = np.fromiter((s.token_ids[p] for s, p in zip(seqs, pos.tolist())), np.int32, n)
+        host[1, :n], host[3, :n] = pos, pos + 1
+        # the block tables, ragged lists, scattered into a [batch, width] array in one go
+        lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, n)
+        total, width = int(lens.sum()), int(lens.max())
+        flat = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int32, total)
+        starts = np.cumsum(lens) - lens
         tables = np.zeros((batch, width), dtype=np.int32)
-        for i, seq in enumerate(seqs):
-            pos = seq.num_computed_tokens
-            host[0, i], host[1, i], host[3, i] = seq.token_ids[pos], pos, pos + 1
-            tables[i, :len(seq.block_table)] = seq.block_table
-        pos = host[1, :n]
+        tables[np.repeat(np.arange(n), lens), np.arange(total) - np.repeat(starts, lens)] = flat
         host[2, :n] = tables[np.arange(n), pos // bs] * bs + pos % bs
         self.rows[:, :batch] = self.xp.asarray(host)
         self.block_tables[:batch, :width] = self.xp.asarray(tables)

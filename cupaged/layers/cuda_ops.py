@@ -176,18 +176,47 @@ def silu_and_mul(x: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
-def sample_rows(logits: Array, temperature: Array, min_p: Array, uniform: Array) -> Array:
-    """Token per row of float32 logits [B, V] (see the reference), one CTA per row: nothing [B, V] is written."""
+class _Staging:
+    """A pinned host buffer for small per-step uploads: copied with cudaMemcpyAsync, so the host goes on while the
+    GPU still runs the forward (a copy from pageable memory would wait for it)."""
+
+    def __init__(self) -> None:
+        self.host = np.zeros(0, dtype=np.float32)
+        self.done: cupy.cuda.Event | None = None
+
+    def upload(self, rows: list[np.ndarray]) -> Array:
+        """float32 [len(rows), n] on the device, in stream order."""
+        if self.done is not None:
+            self.done.synchronize()  # the previous upload has left the buffer
+        count = len(rows) * len(rows[0])
+        if self.host.size < count:
+            self.host = np.frombuffer(cupy.cuda.alloc_pinned_memory(8 * count), np.float32, 2 * count)
+        staged = self.host[:count].reshape(len(rows), -1)
+        for dst, src in zip(staged, rows):
+            dst[...] = src
+        out = cupy.empty(staged.shape, dtype=cupy.float32)
+        stream = cupy.cuda.get_current_stream()
+        cupy.cuda.runtime.memcpyAsync(out.data.ptr, staged.ctypes.data, 4 * count,
+                                      cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        self.done = stream.record()
+        return out
+
+
+_sampling_staging = _Staging()
+
+
+def sample_rows(logits: Array, temperature: np.ndarray, min_p: np.ndarray, uniform: np.ndarray) -> Array:
+    """Token per row of float32 logits [B, V] (see the reference), one CTA per row: nothing [B, V] is written.
+    The per-row parameters are host (NumPy) arrays."""
     _require(logits.ndim == 2 and _name(logits) == "float32" and logits.strides[1] == 4,
              f"sample_rows: logits must be float32 rows [B, V], got {logits.shape} {_name(logits)}")
     batch, vocab = logits.shape
     tokens = cupy.empty(batch, dtype=cupy.int32)
     if batch:
-        as_f32 = lambda a: cupy.ascontiguousarray(a, dtype=cupy.float32)  # noqa: E731
+        params = _sampling_staging.upload([temperature, min_p, uniform])
         kernel("sampling.cu", "sample_rows")(
             (batch,), (1024,), (tokens, logits, np.int64(logits.strides[0] // 4), np.int32(vocab),
-                                as_f32(temperature), as_f32(min_p), as_f32(uniform)),
-            shared_mem=4 * -(-vocab // 256))
+                                params[0], params[1], params[2]), shared_mem=4 * -(-vocab // 256))
     return tokens
 
 

@@ -99,8 +99,10 @@ def inverse_cdf(weights: Array, uniform: Array) -> Array:
 
 def sample_rows(logits: Array, temperature: Array, min_p: Array, uniform: Array) -> Array:
     """Token per row of float32 logits [B, V]: argmax where temperature <= 0, else an inverse-CDF draw with
-    uniform [B] from softmax(logits / temperature) after the min-p filter."""
+    uniform [B] from softmax(logits / temperature) after the min-p filter. The per-row parameters may be host
+    (NumPy) arrays."""
     xp = array_module(logits)
+    temperature, min_p, uniform = (xp.asarray(a) for a in (temperature, min_p, uniform))
     greedy = temperature <= 0
     probs = tempered_probs(logits, xp.where(greedy, 1.0, temperature).astype(xp.float32), min_p)
     return xp.where(greedy, xp.argmax(logits, axis=-1), inverse_cdf(probs, uniform)).astype(xp.int32)
