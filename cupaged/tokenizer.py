@@ -34,6 +34,7 @@ class Tokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.eos_token_ids = sorted(set(eos_token_ids))
+        self._token_texts: dict[bool, dict[int, str]] = {True: {}, False: {}}  # decode_one's memo, per skip flag
 
     @classmethod
     def from_dir(cls, path: Path, config_eos_ids: Iterable[int] = ()) -> "Tokenizer":
@@ -65,6 +66,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_one(self, token_id: int, skip_special_tokens: bool = True) -> str:
+        """decode([token_id]), memoised: the streaming detokenizer asks for it for almost every token it sees."""
+        texts = self._token_texts[bool(skip_special_tokens)]
+        text = texts.get(token_id)
+        if text is None:
+            text = texts[token_id] = self.decode([token_id], skip_special_tokens)
+        return text
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render the checkpoint's chat template (jinja2, sandboxed, as transformers renders it)."""
@@ -130,7 +139,12 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the newly complete text (possibly empty)."""
         self.ids.append(token_id)
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        if self.read_offset - self.prefix_offset == 1:
+            # Once text streams, the released window is just the previous token: its text is memoised, so a
+            # token costs one decode call instead of two.
+            prefix_text = self.tokenizer.decode_one(self.ids[self.prefix_offset], self.skip_special_tokens)
+        else:
+            prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""

@@ -245,17 +245,18 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         seq.output_text += seq.detokenizer.add(token)
-        longest_stop = max((len(s) for s in p.stop), default=0)
+        num_output_tokens = seq.num_output_tokens
+        longest_stop = max(map(len, p.stop)) if p.stop else 0
         reason, stop_reason = None, None
-        if seq.num_output_tokens >= p.min_tokens:
+        if num_output_tokens >= p.min_tokens:
             if token in p.stop_token_ids:
                 reason, stop_reason = "stop", token
             elif not p.ignore_eos and token in self.tokenizer.eos_token_ids:
                 reason = "stop"
             elif p.stop:
                 reason, stop_reason = self._find_stop_string(seq, longest_stop)
-        if reason is None and (seq.num_output_tokens >= (p.max_tokens or self.max_model_len)
-                               or seq.num_tokens >= self.max_model_len):
+        if reason is None and (num_output_tokens >= (p.max_tokens or self.max_model_len)
+                               or len(seq.token_ids) >= self.max_model_len):
             reason = "length"
         if reason is not None:
             self.scheduler.finish_seq(seq, reason)
@@ -278,22 +279,25 @@ class LLMEngine:
         return "stop", stop
 
     def _output(self, group: SequenceGroup) -> RequestOutput:
-        params, seqs = group.params, group.seqs
+        params, seqs, finished = group.params, group.seqs, group.is_finished
         if params.beam_width > 1:
             completions = [self._beam_output(group, i, score, beam)
                            for i, (score, beam) in enumerate(group.beam_finished[:params.n])]
         else:
-            if group.is_finished and len(seqs) > params.n:  # best_of: the n most likely samples
+            if finished and len(seqs) > params.n:  # best_of: the n most likely samples
                 seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[:params.n]
-            completions = [self._completion(group, i, s) for i, s in enumerate(seqs[:params.n])]
-        first = min((s.first_token_time for s in group.seqs if s.first_token_time), default=None)
+            completions = [self._completion(group, i, s, finished) for i, s in enumerate(seqs[:params.n])]
+        if len(group.seqs) == 1:  # the usual case, without a generator per request per step
+            first = group.seqs[0].first_token_time or None
+        else:
+            first = min((s.first_token_time for s in group.seqs if s.first_token_time), default=None)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             group.is_finished, group.num_preemptions, group.arrival_time, first)
+                             finished, group.num_preemptions, group.arrival_time, first)
 
-    def _completion(self, group: SequenceGroup, index: int, seq: Sequence) -> CompletionOutput:
+    def _completion(self, group: SequenceGroup, index: int, seq: Sequence, finished: bool) -> CompletionOutput:
         streamed = group.streamed_chars.get(seq.index, 0)
         group.streamed_chars[seq.index] = seq.released_chars
-        reason = seq.finish_reason or (group.finish_reason if group.is_finished else None)
+        reason = seq.finish_reason or (group.finish_reason if finished else None)
         return CompletionOutput(index, seq.output_text[:seq.released_chars], seq.output_token_ids, seq.cumulative_logprob,
                                 reason, seq.stop_reason, seq.logprobs if seq.params.logprobs is not None else None,
                                 seq.output_text[streamed:seq.released_chars])
@@ -309,7 +313,7 @@ class LLMEngine:
     def _update_stats(self, tokens: int, elapsed: float) -> None:
         s, running = self.stats, [seq for g in self.scheduler.running for seq in g.live()]
         s.num_running = len(running)
-        s.num_waiting = sum(len(g.live()) for g in self.scheduler.waiting)
+        s.num_waiting = self.scheduler.num_waiting_seqs  # kept by the scheduler: the queue can be long
         s.kv_blocks_used = self.blocks.num_used
         s.kv_blocks_unshared = sum(len(seq.block_table) for seq in running)
         s.kv_slots_used = sum(seq.num_computed_tokens for seq in running)

@@ -42,11 +42,15 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
+        # Live sequences of the waiting groups, for the engine's stats every step. Kept up to date where groups
+        # join or leave the queue instead of counted (the queue can be long); nothing changes a waiting group.
+        self.num_waiting_seqs = 0
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # tokens that admitted sequences found in the prefix cache
 
     def add(self, group: SequenceGroup) -> None:
         self.waiting.append(group)
+        self.num_waiting_seqs += len(group.live())
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -54,14 +58,14 @@ class Scheduler:
     def num_running_seqs(self) -> int:
         return sum(len(g.live()) for g in self.running)
 
-    @staticmethod
-    def _plan(group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
-        """How many tokens each live sequence of the group computes, within the token budget."""
+    def _plan(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int, int]]:
+        """How many tokens each live sequence of the group computes, within the token budget, and how many more
+        blocks it needs for them."""
         plan = []
         for seq in group.live():
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n > 0:
-                plan.append((seq, n))
+                plan.append((seq, n, self.blocks.blocks_missing(seq, seq.num_computed_tokens + n)))
                 budget -= n
         return plan
 
@@ -72,7 +76,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             group = self.running[i]
             plan = self._plan(group, budget)
-            need = sum(self.blocks.blocks_missing(s, s.num_computed_tokens + n) for s, n in plan)
+            need = sum(missing for _, _, missing in plan)
             while need > self.blocks.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -81,26 +85,38 @@ class Scheduler:
                     break
             if group.status != SequenceStatus.RUNNING:
                 break  # the group preempted itself: nothing younger is left to run
-            for seq, n in plan:
-                batch.add(seq, n, self.blocks.allocate(seq, seq.num_computed_tokens + n))
+            for seq, n, missing in plan:
+                # Most steps a decoding sequence's token fits in its last block: nothing to allocate. (Preemption
+                # and the copies-on-write of the plan's earlier sequences only free or unshare blocks, so a
+                # sequence that needed no block still needs none.)
+                batch.add(seq, n, self.blocks.allocate(seq, seq.num_computed_tokens + n) if missing else [])
                 budget -= n
             i += 1
-        while self.waiting and not batch.preempted and budget > 0:
+        if self.waiting and not batch.preempted and budget > 0:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        """Admit waiting groups, front first, while sequences, tokens and blocks allow."""
+        num_running = self.num_running_seqs()  # counted once, then kept up to date: it is O(running)
+        while self.waiting and budget > 0:
             group = self.waiting[0]
-            if self.num_running_seqs() + len(group.live()) > self.max_num_seqs and self.running:
+            live = group.live()
+            if num_running + len(live) > self.max_num_seqs and self.running:
                 break
             admitted = self._admit(group, budget)
             if admitted is None:
                 break
             self.waiting.popleft()
+            self.num_waiting_seqs -= len(live)
             group.status = SequenceStatus.RUNNING
-            for seq in group.live():
+            for seq in live:
                 seq.status = SequenceStatus.RUNNING
             self.running.append(group)
+            num_running += len(live)
             for seq, n, copies in admitted:
                 batch.add(seq, n, copies)
                 budget -= n
-        return batch
 
     def _admit(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int, list]] | None:
         """Give a waiting group its cached prefixes and the blocks for its first tokens, or undo and return None."""
@@ -135,6 +151,7 @@ class Scheduler:
         group.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(group)
+        self.num_waiting_seqs += len(group.live())
 
     def finish_seq(self, seq: Sequence, reason: str) -> None:
         """One sequence of a group is done: release its blocks."""
@@ -148,6 +165,7 @@ class Scheduler:
             self.running.remove(group)
         elif group in self.waiting:
             self.waiting.remove(group)
+            self.num_waiting_seqs -= len(group.live())
         for seq in group.live():
             self.finish_seq(seq, reason or "abort")
         group.status = SequenceStatus.FINISHED

@@ -119,7 +119,9 @@ class SequenceGroup:
         self.streamed_chars: dict[int, int] = {}
 
     def live(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.is_finished]
+        # Called several times a step for every running request: test the status directly, not through the
+        # is_finished property (a function call per sequence).
+        return [s for s in self.seqs if s.status is not SequenceStatus.FINISHED]
 
     @property
     def is_finished(self) -> bool:
