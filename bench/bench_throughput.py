@@ -10,6 +10,7 @@ left-padded) and transformers' continuous batching (`paged|sdpa`) in the same ru
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import sys
 import time
@@ -75,6 +76,7 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
     total_blocks, preemptions = engine.stats.kv_blocks_total, engine.stats.num_preemptions
     release = engine.device == "cuda"
     del engine
+    gc.collect()  # the phase timers made reference cycles through the engine's parts
     if release:  # hand the KV cache back before a peer needs the card
         import cupy
 
