@@ -217,9 +217,19 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
     }
 }
 
-// The kernel: CTA (x, y, z) takes partitions y, y + gridDim.y, ... of sequence z. The partition size comes from
+// Both kernels: CTA (x, y, z) takes partitions y, y + gridDim.y, ... of sequence z. The partition size comes from
 // device memory and the grid need not cover every partition, so one captured CUDA graph serves every step: the
 // host writes the step's partition before the replay (eager launches size the grid to cover them all).
+template <typename Split>
+__device__ __forceinline__ void for_each_partition(const int* __restrict__ partition_ptr,
+                                                   const int* __restrict__ seq_lens, Split run_split) {
+    const int partition = *partition_ptr, seq_len = seq_lens[blockIdx.z];
+    for (int split = blockIdx.y; split * partition < seq_len; split += gridDim.y) {
+        run_split(split, partition, seq_len);
+        __syncthreads();  // the next partition reuses the shared memory
+    }
+}
+
 template <typename T, int HEAD_DIM, int HEADS>
 __global__ void __launch_bounds__(THREADS, HEAD_DIM <= 128 ? 3 : 2)
 paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
@@ -227,13 +237,11 @@ paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                 const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
                 const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int bs_log2,
                 const int* __restrict__ partition_ptr, int max_splits, float scale_log2) {
-    const int partition = *partition_ptr, seq_len = seq_lens[blockIdx.z];
-    for (int split = blockIdx.y; split * partition < seq_len; split += gridDim.y) {
+    for_each_partition(partition_ptr, seq_lens, [&](int split, int partition, int seq_len) {
         decode_tc_split<T, HEAD_DIM, HEADS>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, block_tables,
                                             max_blocks, seq_len, num_kv_heads, group, head_chunks, bs_log2,
                                             partition, max_splits, scale_log2, split);
-        __syncthreads();  // the next partition reuses the shared memory
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -386,13 +394,11 @@ paged_decode_simt(T* __restrict__ out, float* __restrict__ part_out, float2* __r
                   const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
                   const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int block_size,
                   const int* __restrict__ partition_ptr, int max_splits, float scale_log2) {
-    const int partition = *partition_ptr, seq_len = seq_lens[blockIdx.z];
-    for (int split = blockIdx.y; split * partition < seq_len; split += gridDim.y) {
+    for_each_partition(partition_ptr, seq_lens, [&](int split, int partition, int seq_len) {
         decode_simt_split<T, HEAD_DIM, HEADS>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, block_tables,
                                               max_blocks, seq_len, num_kv_heads, group, head_chunks, block_size,
                                               partition, max_splits, scale_log2, split);
-        __syncthreads();  // the next partition reuses the shared memory
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
