@@ -239,7 +239,7 @@ def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, s
             nbytes = kv_bytes + 2 * sets[0]["q"].nbytes
             work = batch * KV_HEADS
             name = f"paged_decode_tc<__nv_bfloat16, {HEAD_DIM}, {HEADS // KV_HEADS}>"
-            occupancy = cuda_ops._ctas_per_sm(name, 4 * (cuda_ops.TC_PARTITION_MAX // 8 + 2))
+            occupancy = cuda_ops._ctas_per_sm(name, cuda_ops._tc_smem(cuda_ops.TC_PARTITION_MAX, 8))
             partition = cuda_ops.decode_partition(work, ctx, occupancy)
             row = {"batch": batch, "context": ctx, "kv_gb": kv_bytes / 1e9, "sets": nsets, "calls_per_graph": calls,
                    "partition": partition, "splits": math.ceil(ctx / partition), "ctas_per_sm": occupancy,
