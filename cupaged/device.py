@@ -85,6 +85,50 @@ def to_numpy(a: Any) -> np.ndarray:
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
+def lasting_empty(shape: int | tuple[int, ...], dtype: Any) -> Any:
+    """An uninitialised CuPy array from the default memory pool, whatever allocator is current.
+
+    For buffers that outlive the call that makes them (workspaces kept per process, a CUDA graph's state): CUDA
+    graphs are captured with a private pool that lends one graph's freed intermediates to the next graph (whose
+    replays then write there) and goes away with its engine, so nothing lasting may come from it.
+    """
+    import cupy
+
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    memory = cupy.get_default_memory_pool().malloc(max(count * dtype.itemsize, 1))
+    return cupy.ndarray(shape, dtype, memptr=memory)
+
+
+class HostCopy:
+    """A device array's copy to host memory, started now and waited for by `result()`.
+
+    On the GPU the copy is a cudaMemcpyAsync into pinned memory followed by an event, so the host can go on with
+    other work (the engine's bookkeeping of the previous step) while the GPU computes; `result()` waits for that
+    event alone, not for whatever was queued after the copy. A NumPy array is already on the host.
+    """
+
+    def __init__(self, a: Any):
+        self._event = None
+        if isinstance(a, np.ndarray):
+            self._host = a
+            return
+        import cupy
+
+        self._device = cupy.ascontiguousarray(a)  # kept alive until the copy has run
+        self._host = np.frombuffer(cupy.cuda.alloc_pinned_memory(max(a.nbytes, 1)), a.dtype, a.size).reshape(a.shape)
+        stream = cupy.cuda.get_current_stream()
+        cupy.cuda.runtime.memcpyAsync(self._host.ctypes.data, self._device.data.ptr, a.nbytes,
+                                      cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        self._event = stream.record()
+
+    def result(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = self._device = None
+        return self._host
+
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 

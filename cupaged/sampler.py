@@ -64,11 +64,21 @@ def sorted_filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p
 def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.random.Generator) -> list[int]:
     """Choose the next token of each sequence from its logits row [B, V] (float32). Records logprobs asked for.
 
+    The engine runs the two halves separately, so that the host can work while the device samples.
+    """
+    tokens = to_numpy(sample_on_device(logits, seqs, eos_ids, rng)).tolist()
+    record_logprobs(logits, seqs, tokens)
+    return tokens
+
+
+def sample_on_device(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.random.Generator) -> Array:
+    """The next token of each sequence, as an int array on the logits' device (nothing waits for it).
+
     Rows without top-k / top-p (the common case) go through `ops.sample_rows`, one fused kernel on the GPU; the
-    others need a sort of the whole vocabulary and run as array code.
+    others need a sort of the whole vocabulary and run as array code. The uniform draws are taken from the
+    sequences' generators now, in batch order.
     """
     xp = array_module(logits)
-    raw = logits
     if any(_needs_penalties(s) for s in seqs):
         logits = apply_penalties(logits.copy(), seqs, eos_ids)
     params = [s.params for s in seqs]
@@ -77,17 +87,13 @@ def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.rand
     min_p = np.array([p.min_p for p in params], f32)
     uniform = np.array([(s.rng or rng).random() for s in seqs])
     if not any(p.top_k > 0 or p.top_p < 1 for p in params):
-        chosen = ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, temperature, min_p, uniform)
-    else:
-        top_k = xp.asarray(np.array([p.top_k for p in params], np.int64))
-        top_p = xp.asarray(np.array([p.top_p for p in params], f32))
-        probs, order = sorted_filtered_probs(logits, xp.asarray(np.where(temperature > 0, temperature, 1)), top_k,
-                                             top_p, xp.asarray(min_p))
-        sampled = xp.take_along_axis(order, inverse_cdf(probs, xp.asarray(uniform))[:, None], axis=-1)[:, 0]
-        chosen = xp.where(xp.asarray(temperature <= 0), xp.argmax(logits, axis=-1), sampled)
-    tokens = [int(t) for t in to_numpy(chosen)]
-    _record_logprobs(raw, seqs, tokens)
-    return tokens
+        return ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, temperature, min_p, uniform)
+    top_k = xp.asarray(np.array([p.top_k for p in params], np.int64))
+    top_p = xp.asarray(np.array([p.top_p for p in params], f32))
+    probs, order = sorted_filtered_probs(logits, xp.asarray(np.where(temperature > 0, temperature, 1)), top_k,
+                                         top_p, xp.asarray(min_p))
+    sampled = xp.take_along_axis(order, inverse_cdf(probs, xp.asarray(uniform))[:, None], axis=-1)[:, 0]
+    return xp.where(xp.asarray(temperature <= 0), xp.argmax(logits, axis=-1), sampled)
 
 
 def log_softmax(logits: Array) -> Array:
@@ -97,16 +103,16 @@ def log_softmax(logits: Array) -> Array:
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _needs_logprobs(seq: Sequence) -> bool:
+def needs_logprobs(seq: Sequence) -> bool:
     return seq.params.logprobs is not None or seq.params.num_sequences > seq.params.n
 
 
-def _record_logprobs(raw: Array, seqs: list[Sequence], tokens: list[int]) -> None:
+def record_logprobs(raw: Array, seqs: list[Sequence], tokens: list[int]) -> None:
     """Log-probabilities under the model's raw distribution (before penalties and filters), as vLLM reports.
 
     Kept for requests that ask for logprobs, and summed for best_of requests, which rank samples by it.
     """
-    rows = [i for i, s in enumerate(seqs) if _needs_logprobs(s)]
+    rows = [i for i, s in enumerate(seqs) if needs_logprobs(s)]
     if not rows:
         return
     xp = array_module(raw)

@@ -15,7 +15,9 @@ class SamplingParams:
     repetition_penalty (>1 discourages) applies to prompt and output tokens, as in vLLM and transformers;
     presence_penalty and frequency_penalty (OpenAI's, -2..2) to output tokens. `seed` makes the request's
     samples reproducible whatever else is in the batch. `logprobs` = n returns the chosen token's log-probability
-    and the n most likely tokens' at each step (0 for the chosen one alone).
+    and the n most likely tokens' at each step (0 for the chosen one alone). `output_kind` "cumulative" returns an
+    output every step the request advances (for streaming); "final_only" returns one, when it finishes (as
+    `LLM.generate` asks, which saves the engine building outputs no one reads).
     """
 
     n: int = 1
@@ -39,6 +41,7 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +76,8 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (self.output_kind in ("cumulative", "final_only"),
+             f"output_kind must be 'cumulative' or 'final_only', got {self.output_kind!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -53,3 +53,40 @@ def test_graphs_after_preemption_and_prefix_hits(checkpoints) -> None:
     eager, _ = generate(path, requests, num_kv_blocks=40, enforce_eager=True)
     assert llm.engine.stats.num_preemptions > 0
     assert graphs == eager
+
+
+def test_async_scheduling_gives_the_same_tokens(checkpoints) -> None:
+    """Steps launched before the previous step's tokens reach the host take those tokens from the device: the same
+    tokens as the synchronous engine, with stop tokens found a step late, the top-k path and preemption."""
+    path = str(checkpoints("qwen3-tiny", "bfloat16"))
+    rng = np.random.default_rng(8)
+    stops = list(range(0, 1000, 9))
+    requests = []
+    for i in range(64):
+        prompt = rng.integers(0, 1000, int(rng.integers(2, 200))).tolist()
+        requests.append((prompt, SamplingParams(temperature=[0, 0.8, 1.0][i % 3], top_k=50 if i % 3 == 2 else 0,
+                                                seed=i, max_tokens=int(rng.integers(1, 80)), stop_token_ids=stops)))
+    ahead, llm = generate(path, requests, num_kv_blocks=120)
+    sync, sync_llm = generate(path, requests, num_kv_blocks=120, async_scheduling=False)
+    assert llm.engine.stats.num_steps_run_ahead > 20 and sync_llm.engine.stats.num_steps_run_ahead == 0
+    assert llm.engine.stats.num_preemptions > 0
+    assert sum(len(t) < r[1].max_tokens for t, r in zip(sync, requests)) > 5  # stopped early
+    assert ahead == sync
+
+
+def test_replays_leave_the_other_graphs_plans_intact(checkpoints) -> None:
+    """The graphs captured after the largest one are given its freed intermediates' memory, which its replays
+    still write: what a graph keeps between replays (the partition its decode plan reads) must not be there."""
+    from types import SimpleNamespace
+
+    llm = LLM(str(checkpoints("qwen3-tiny", "bfloat16")), device="cuda", dtype="bfloat16", num_kv_blocks=64,
+              max_num_seqs=48)
+    runner = llm.engine.runner
+    graphs = runner.graphs.graphs
+    assert len(graphs) > 5
+    for size in sorted(graphs, reverse=True):
+        seqs = [SimpleNamespace(num_computed_tokens=20, token_ids=[3] * 21, block_table=[1, 2]) for _ in range(size)]
+        _, max_seq_len = runner.decode_inputs.fill(seqs, size)
+        runner.graphs.replay(size, max_seq_len)
+        found = {s: int(plan.partition_buf.get()[0]) for s, (_, plan) in graphs.items()}
+        assert found == {s: plan.partition for s, (_, plan) in graphs.items()}, f"after the replay of {size}"

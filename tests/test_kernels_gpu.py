@@ -355,6 +355,28 @@ def test_matmul_captured_in_a_cuda_graph(ops) -> None:
     close(out, x.astype(np.float32) @ w.astype(np.float32), "bfloat16")
 
 
+def test_lasting_buffers_never_come_from_the_current_allocator(ops) -> None:
+    """The cuBLAS workspace, the decode workspace and partition buffers are made on first use, which may be inside
+    a CUDA-graph capture's private memory pool; that pool lends its freed memory to the next graph's intermediates
+    and goes away with its engine, so they come from the default pool whatever allocator is current."""
+    import cupy
+
+    from cupaged.layers import cublas
+
+    cublas._handle.cache_clear()
+    ops._workspaces.clear()
+    default = cupy.get_default_memory_pool()
+    pool = cupy.cuda.MemoryPool()
+    before = default.used_bytes()
+    with cupy.cuda.using_allocator(pool.malloc):
+        handle, workspace = cublas.handle(), ops._workspace(1 << 22)
+        partition = ops._device_int(4096 + 64, shared=False)
+    assert pool.used_bytes() == 0
+    assert default.used_bytes() - before >= handle.workspace.nbytes + workspace.nbytes + partition.nbytes
+    assert int(partition.get()[0]) == 4096 + 64
+    test_matmul_captured_in_a_cuda_graph(ops)  # GEMMs through the handle made there
+
+
 # ------------------------------------------------------------------------------------------------- decode plans
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_grid_smaller_than_the_partitions(ops, dtype) -> None:

@@ -13,7 +13,9 @@ replayed, it costs one launch.
   partition is written into it before the replay.
 - GEMMs go through our own cuBLAS handle (layers/cublas.py), bound to the capture stream before capture.
 - The graphs' intermediates come from a memory pool of their own: nothing else is ever allocated in memory that a
-  replay writes. Replays run on the default stream, in order with every other op of the engine.
+  replay writes. The graphs share that memory (the smaller ones are captured into the larger one's freed
+  intermediates), so what a graph keeps between replays (its decode plan's partition buffer) is allocated
+  elsewhere. Replays run on the default stream, in order with every other op of the engine.
 """
 
 from __future__ import annotations

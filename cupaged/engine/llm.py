@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Sequence as Seq
 
@@ -33,7 +34,7 @@ class LLM:
         for prompt, p in zip(prompts, params_list):
             request_id = f"offline-{self._counter}"
             self._counter += 1
-            self.engine.add_request(request_id, prompt, p)
+            self.engine.add_request(request_id, prompt, dataclasses.replace(p, output_kind="final_only"))
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
         show = use_tqdm and sys.stderr.isatty()

@@ -10,18 +10,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from cupaged import device as devices
+from cupaged.device import HostCopy
 from cupaged.checkpoint import dummy_weights, open_checkpoint
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner
-from cupaged.engine.scheduler import Scheduler
+from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.beam_search import beam_step
-from cupaged.engine.sequence import Logprob, Sequence, SequenceGroup
+from cupaged.engine.sequence import PENDING_TOKEN, Logprob, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
-from cupaged.sampler import log_softmax, sample
+from cupaged.sampler import log_softmax, record_logprobs, sample_on_device
 from cupaged.sampling_params import SamplingParams
 from cupaged.tokenizer import IncrementalDetokenizer
 
@@ -66,9 +68,33 @@ class EngineStats:
     num_cached_tokens: int = 0       # prompt tokens found in the prefix cache instead of computed
     num_computed_tokens: int = 0     # tokens computed by the model
     kv_blocks_unshared: int = 0      # blocks the running sequences would hold if nothing were shared
+    num_steps_run_ahead: int = 0     # steps launched before the previous step's tokens were read (async scheduling)
     step_tokens: int = 0
     step_time: float = 0.0
     history: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (slots used, allocated) per step
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device, whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]               # the sequences that get a token, in the order of `tokens`
+    indices: list[int]                 # where each one's token goes in its token_ids (PENDING_TOKEN until then)
+    tokens: Any                        # the sampled tokens, on the device
+    host: HostCopy | None              # ...and their copy to the host, under way
+    rows: dict[int, int]               # seq_id -> row in `tokens`: the next step reads its inputs from there
+    beam_groups: dict[str, SequenceGroup]
+    run_ahead: bool                    # whether the next step may be launched before this one is processed
+    logits: Any = None                 # kept when logprobs must be recorded
+
+
+def _runs_ahead(seq: Sequence) -> bool:
+    """Whether seq's next step can be launched before its sampled token reaches the host: not when that step
+    needs the host's view of the token (penalties read the token history, logprobs read this step's logits, the
+    samples of n / best_of and beams are chosen on the host)."""
+    p = seq.params
+    return (p.num_sequences == 1 and p.logprobs is None and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)
 
 
 class LLMEngine:
@@ -76,7 +102,8 @@ class LLMEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto"):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
+                 async_scheduling: bool = True):
         if block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {block_size}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -113,6 +140,8 @@ class LLMEngine:
         self.rng = np.random.default_rng(seed)
         self.groups: dict[str, SequenceGroup] = {}
         self._aborted: list[SequenceGroup] = []  # reported by the next step
+        self.async_scheduling = async_scheduling
+        self._in_flight: _Launched | None = None  # launched, not yet processed (async scheduling)
         self.stats = EngineStats(kv_blocks_total=num_blocks)
         logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB)",
                     model, self.config.architecture, self.config.num_layers, self.dtype.name, self.device,
@@ -139,7 +168,9 @@ class LLMEngine:
             raise ValueError(f"{params.num_sequences} sequences of up to {longest} tokens need more KV blocks than "
                              f"the cache has ({self.blocks.num_blocks} of {self.blocks.block_size} tokens)")
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        group = SequenceGroup(request_id, [Sequence(request_id, text, ids, params, detok)])
+        # it stops at `longest` tokens (a prompt that fills the context still gets one token)
+        limit = max(longest, len(ids) + 1)
+        group = SequenceGroup(request_id, [Sequence(request_id, text, ids, params, detok, token_limit=limit)])
         self.groups[request_id] = group
         self.scheduler.add(group)
 
@@ -154,56 +185,104 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
 
     # -- one step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch. Returns an output for every request that produced text or finished in this step."""
+        """Run one batch. Returns an output for every request that produced text or finished (only the latter for
+        requests whose output_kind is "final_only").
+
+        With async scheduling the engine runs one step ahead: this step's batch is scheduled and queued on the
+        device before the previous step's tokens are read back and processed (detokenized, stop checks, outputs),
+        so that host work overlaps the GPU's. Its outputs are therefore those of the previous step's tokens.
+        """
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
         advanced: dict[str, SequenceGroup] = {g.request_id: g for g in self._aborted}
         self._aborted = []
-        if batch.seqs:
-            self.runner.copy_blocks(batch.block_copies)
-            logits, rows = self.runner.run(batch.seqs, batch.num_new_tokens)
-            for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                seq.num_computed_tokens += n
-                self.blocks.register_full_blocks(seq)
-            sample_seqs, sample_rows, beam_groups = [], [], {}
-            for row, i in enumerate(rows):
-                seq = batch.seqs[i]
-                group = self.groups[seq.request_id]
-                if seq.params.beam_width > 1:
-                    seq.pending_logprobs = log_softmax(logits[row])
-                    beam_groups[group.request_id] = group
-                    continue
-                if seq.num_output_tokens == 0 and len(group.seqs) < seq.params.num_sequences:
-                    self._fork(group, seq, seq.params.num_sequences)  # the prompt was computed once for all
-                    targets = group.seqs
-                else:
-                    targets = [seq]
-                sample_seqs += targets
-                sample_rows += [row] * len(targets)
-            if sample_seqs:
-                if sample_rows != list(range(len(rows))):
-                    logits = logits[self.runner.xp.asarray(np.array(sample_rows))]
-                tokens = sample(logits, sample_seqs, self.tokenizer.eos_token_ids, self.rng)
-                for seq, token in zip(sample_seqs, tokens):
-                    self._append_token(seq, token)
-                    advanced[seq.request_id] = self.groups[seq.request_id]
-            for group in beam_groups.values():
-                if all(s.pending_logprobs is not None for s in group.live()):
-                    self._beam_step(group)
-                    advanced[group.request_id] = group
+        previous, self._in_flight = self._in_flight, None
+        batch = self.scheduler.schedule()
+        launched = self._launch(batch, previous) if batch.seqs else None
+        if previous is not None:
+            self._process(previous, advanced)
+        if launched is not None:
+            # after `previous`: the blocks just computed may hold its tokens, which prefix-cache hashes read
+            for seq in batch.seqs:
+                if not seq.is_finished:
+                    self.blocks.register_full_blocks(seq)
+            if launched.run_ahead:
+                self._in_flight = launched
+                self.stats.num_steps_run_ahead += 1
+            else:
+                self._process(launched, advanced)
         for group in advanced.values():
             if not group.is_finished and not group.live():
                 self.scheduler.finish(group)
         self._update_stats(sum(batch.num_new_tokens), time.perf_counter() - t0)
-        outputs = [self._output(g) for g in advanced.values()]
+        outputs = [self._output(g) for g in advanced.values()
+                   if g.is_finished or g.params.output_kind == "cumulative"]
         for group in advanced.values():
             if group.is_finished:
                 del self.groups[group.request_id]
         return outputs
+
+    def _launch(self, batch: ScheduledBatch, previous: _Launched | None) -> _Launched:
+        """Queue the batch's forward and sampling on the device; the sampled tokens stay there (PENDING_TOKEN in
+        the sequences' token ids) until `_process` reads them."""
+        self.runner.copy_blocks(batch.block_copies)
+        pending = (previous.tokens, previous.rows) if previous is not None else None
+        logits, rows = self.runner.run(batch.seqs, batch.num_new_tokens, pending)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        sample_seqs, sample_rows, beam_groups = [], [], {}
+        for row, i in enumerate(rows):
+            seq = batch.seqs[i]
+            group = self.groups[seq.request_id]
+            if seq.params.beam_width > 1:
+                seq.pending_logprobs = log_softmax(logits[row])
+                beam_groups[group.request_id] = group
+                continue
+            if seq.num_output_tokens == 0 and len(group.seqs) < seq.params.num_sequences:
+                self._fork(group, seq, seq.params.num_sequences)  # the prompt was computed once for all
+                targets = group.seqs
+            else:
+                targets = [seq]
+            sample_seqs += targets
+            sample_rows += [row] * len(targets)
+        launched = _Launched(sample_seqs, [], None, None, {}, beam_groups,
+                             self.async_scheduling and not beam_groups and all(map(_runs_ahead, sample_seqs)))
+        if sample_seqs:
+            if sample_rows != list(range(len(rows))):
+                logits = logits[self.runner.xp.asarray(np.array(sample_rows))]
+            launched.tokens = sample_on_device(logits, sample_seqs, self.tokenizer.eos_token_ids, self.rng)
+            launched.host = HostCopy(launched.tokens)
+            if not launched.run_ahead:
+                launched.logits = logits  # for logprobs: read before the next step overwrites them
+            for row, seq in enumerate(sample_seqs):
+                launched.indices.append(len(seq.token_ids))
+                seq.token_ids.append(PENDING_TOKEN)
+                launched.rows[seq.seq_id] = row
+        return launched
+
+    def _process(self, launched: _Launched, advanced: dict[str, SequenceGroup]) -> None:
+        """Read a launched step's tokens back and append them: detokenize, check stops, step beams."""
+        if launched.seqs:
+            tokens = launched.host.result().tolist()
+            if launched.logits is not None:
+                record_logprobs(launched.logits, launched.seqs, tokens)
+            for seq, index, token in zip(launched.seqs, launched.indices, tokens):
+                if seq.is_finished:  # aborted, or ended by its previous token: this one is dropped
+                    del seq.token_ids[index:]
+                    continue
+                later = seq.token_ids[index + 1:]  # the pending token of a step launched since
+                del seq.token_ids[index:]
+                self._append_token(seq, token)
+                if later and not seq.is_finished:
+                    seq.token_ids += later
+                advanced[seq.request_id] = self.groups[seq.request_id]
+        for group in launched.beam_groups.values():
+            if all(s.pending_logprobs is not None for s in group.live()):
+                self._beam_step(group)
+                advanced[group.request_id] = group
 
     def _fork(self, group: SequenceGroup, seq: Sequence, count: int) -> None:
         """Turn a one-sequence group into `count` sequences sharing seq's blocks."""
@@ -216,8 +295,7 @@ class LLMEngine:
         """Advance a beam-search group by one token: fork, keep or drop beams (see beam_search.py)."""
         eos = group.params.stop_token_ids + ([] if group.params.ignore_eos else self.tokenizer.eos_token_ids)
         live = group.live()
-        at_max_length = (live[0].num_output_tokens + 1 >= (group.params.max_tokens or self.max_model_len)
-                         or live[0].num_tokens + 1 >= self.max_model_len)
+        at_max_length = live[0].num_tokens + 1 >= live[0].token_limit
         choices, done = beam_step(group, eos, at_max_length)
         kids: dict[int, list[tuple[int, float]]] = {}
         for parent, token, score in choices:
@@ -255,8 +333,7 @@ class LLMEngine:
                 reason = "stop"
             elif p.stop:
                 reason, stop_reason = self._find_stop_string(seq, longest_stop)
-        if reason is None and (num_output_tokens >= (p.max_tokens or self.max_model_len)
-                               or len(seq.token_ids) >= self.max_model_len):
+        if reason is None and len(seq.token_ids) >= seq.token_limit:
             reason = "length"
         if reason is not None:
             self.scheduler.finish_seq(seq, reason)
@@ -298,7 +375,10 @@ class LLMEngine:
         streamed = group.streamed_chars.get(seq.index, 0)
         group.streamed_chars[seq.index] = seq.released_chars
         reason = seq.finish_reason or (group.finish_reason if finished else None)
-        return CompletionOutput(index, seq.output_text[:seq.released_chars], seq.output_token_ids, seq.cumulative_logprob,
+        ids = seq.output_token_ids
+        if ids and ids[-1] == PENDING_TOKEN:  # the token of a step still on the device
+            ids.pop()
+        return CompletionOutput(index, seq.output_text[:seq.released_chars], ids, seq.cumulative_logprob,
                                 reason, seq.stop_reason, seq.logprobs if seq.params.logprobs is not None else None,
                                 seq.output_text[streamed:seq.released_chars])
 

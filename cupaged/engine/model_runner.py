@@ -87,16 +87,20 @@ class ModelRunner:
             src, dst = (self.xp.asarray(np.array(c, dtype=np.int32)) for c in zip(*copies))
             self.model.ops.copy_blocks(self.cache.k, self.cache.v, src, dst)
 
-    def run(self, seqs: list[Any], num_new_tokens: list[int]) -> tuple[Any, list[int]]:
+    def run(self, seqs: list[Any], num_new_tokens: list[int],
+            pending: tuple[Any, dict[int, int]] | None = None) -> tuple[Any, list[int]]:
         """Compute num_new_tokens[i] tokens of each sequence.
 
+        `pending` is the previous step's sampled tokens, still on the device, and the row of each sequence (by
+        seq_id) in them: a sequence listed there has PENDING_TOKEN as its last token, and computes the token
+        read from the device instead.
         Returns (logits of the sequences whose last token was computed, which need a new token; their indices).
         """
         if all(n == 1 for n in num_new_tokens) and len(seqs) <= self.decode_sizes[-1]:
-            return self._run_decode(seqs)
+            return self._run_decode(seqs, pending)
         xp = self.xp
         input_ids: list[int] = []
-        query_lens, seq_lens, tables, sample_rows, sample_idx = [], [], [], [], []
+        query_lens, seq_lens, tables, sample_rows, sample_idx, patches = [], [], [], [], [], []
         prefills_first = sorted(range(len(seqs)), key=lambda i: num_new_tokens[i] == 1)  # the layout attention wants
         for i in prefills_first:
             seq, n = seqs[i], num_new_tokens[i]
@@ -105,19 +109,34 @@ class ModelRunner:
             query_lens.append(n)
             seq_lens.append(start + n)
             tables.append(seq.block_table)
+            if pending is not None and seq.seq_id in pending[1]:  # its one new token is the pending one
+                patches.append((len(input_ids) - 1, pending[1][seq.seq_id]))
             if start + n == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_idx.append(i)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, xp)
-        hidden = self.model.forward(xp.asarray(np.array(input_ids, dtype=np.int32)), meta, self.cache)
+        ids = xp.asarray(np.array(input_ids, dtype=np.int32))
+        self._take_pending(ids, patches, pending)
+        hidden = self.model.forward(ids, meta, self.cache)
         if not sample_rows:
             return None, []
         return self.model.logits(hidden[xp.asarray(np.array(sample_rows))]), sample_idx
 
-    def _run_decode(self, seqs: list[Any]) -> tuple[Any, list[int]]:
+    def _take_pending(self, input_ids: Any, patches: list[tuple[int, int]],
+                      pending: tuple[Any, dict[int, int]] | None) -> None:
+        """Write pending tokens into the input ids on the device: input_ids[i] = pending tokens[row] per (i, row)."""
+        if patches:
+            where = self.xp.asarray(np.array(patches, dtype=np.int32).T)
+            input_ids[where[0]] = pending[0][where[1]]
+
+    def _run_decode(self, seqs: list[Any], pending: tuple[Any, dict[int, int]] | None) -> tuple[Any, list[int]]:
         """One token per sequence, padded to a graph batch size: replayed from its CUDA graph, or run eagerly."""
         batch = padded_size(len(seqs), self.decode_sizes)
         meta, max_seq_len = self.decode_inputs.fill(seqs, batch)
+        if pending is not None:
+            rows = pending[1]
+            self._take_pending(self.decode_inputs.input_ids,
+                               [(i, rows[s.seq_id]) for i, s in enumerate(seqs) if s.seq_id in rows], pending)
         if self.graphs is not None and batch in self.graphs.graphs:
             logits = self.graphs.replay(batch, max_seq_len)
         else:

@@ -63,6 +63,8 @@ class Scheduler:
         blocks it needs for them."""
         plan = []
         for seq in group.live():
+            if seq.num_tokens >= seq.token_limit:
+                continue  # its last token is still on the device (async scheduling) and ends it: nothing to compute
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n > 0:
                 plan.append((seq, n, self.blocks.blocks_missing(seq, seq.num_computed_tokens + n)))

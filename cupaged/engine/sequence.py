@@ -31,15 +31,23 @@ class Logprob:
 
 _ids = itertools.count()
 
+# Stands in token_ids for a token sampled on the device and not yet read back (the engine's async scheduling):
+# the next step takes its input from the device, and the engine writes the token in once it is read.
+PENDING_TOKEN = -1
+
 
 class Sequence:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer | None = None):
+                 detokenizer: IncrementalDetokenizer | None = None, token_limit: int | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)      # prompt then outputs
+        # it finishes ("length") once it holds this many tokens: the prompt plus max_tokens, within the context
+        if token_limit is None:
+            token_limit = len(prompt_token_ids) + (params.max_tokens or 1 << 62)
+        self.token_limit = token_limit
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
@@ -82,7 +90,7 @@ class Sequence:
 
     def fork(self, index: int) -> "Sequence":
         """A copy that continues independently (its blocks are shared through BlockManager.fork)."""
-        child = Sequence(self.request_id, self.prompt, self.prompt_token_ids, self.params)
+        child = Sequence(self.request_id, self.prompt, self.prompt_token_ids, self.params, token_limit=self.token_limit)
         child.token_ids = list(self.token_ids)
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status

@@ -17,6 +17,8 @@ from typing import Any
 import cupy
 import numpy as np
 
+from cupaged.device import lasting_empty
+
 Array = Any
 
 _CUDA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}  # cudaDataType_t
@@ -49,7 +51,7 @@ class Cublas:
         self.lib = _load_library()
         self.handle = ctypes.c_void_p()
         self._check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
-        self.workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
+        self.workspace = lasting_empty(WORKSPACE_BYTES, np.uint8)  # kept for the process: not from a graph's pool
         self.stream: int | None = None
         gemm = self.lib.cublasGemmEx
         vp, i32 = ctypes.c_void_p, ctypes.c_int

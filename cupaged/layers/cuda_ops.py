@@ -20,6 +20,7 @@ from typing import Any
 import cupy
 import numpy as np
 
+from cupaged.device import lasting_empty
 from cupaged.kernels import ctype, kernel
 from cupaged.kv_cache import AttentionMetadata
 from cupaged.layers import cublas, flash_prefill, reference
@@ -293,7 +294,7 @@ def _workspace(floats: int) -> Array:
     dev = cupy.cuda.Device().id
     ws = _workspaces.get(dev)
     if ws is None or ws.size < floats:
-        ws = cupy.empty(max(floats, 1 << 20), dtype=cupy.float32)
+        ws = lasting_empty(max(floats, 1 << 20), np.float32)
         _workspaces[dev] = ws
     return ws
 
@@ -348,10 +349,19 @@ def decode_supported(dtype: np.dtype, head_dim: int, block_size: int) -> bool:
     return _tc_supported(dtype, head_dim, block_size) or _simt_supported(dtype, head_dim)
 
 
-@functools.cache
-def _device_int(value: int) -> Array:
-    """A device int32 [1] holding `value`, made once: the decode kernels read their partition size from one."""
-    return cupy.asarray(np.array([value], dtype=np.int32))
+def _device_int(value: int, shared: bool = True) -> Array:
+    """A device int32 [1] holding `value` (the decode kernels read their partition size from one): made once per
+    value when shared, else a buffer of its own."""
+    if shared and value in _device_ints:
+        return _device_ints[value]
+    buf = lasting_empty(1, np.int32)
+    buf.set(np.array([value], dtype=np.int32))
+    if shared:
+        _device_ints[value] = buf
+    return buf
+
+
+_device_ints: dict[int, Array] = {}
 
 
 @dataclass
@@ -430,7 +440,8 @@ def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, bl
         biggest = max(choices.values())
         slots = _num_sms() * (_ctas_per_sm(kernel_name, _tc_smem(TC_PARTITION_MAX, 8)) if tc else 4)
         plan.grid_splits = min(plan.max_splits, max(1, math.ceil(slots / plan.work)))
-        plan.partition_buf = cupy.asarray(np.array([partition], dtype=np.int32))
+        # the graph's own partition buffer, which set_partition writes before each replay
+        plan.partition_buf = _device_int(partition, shared=False)
         plan.part_out = cupy.empty(rows * plan.max_splits * head_dim, dtype=cupy.float32)
         plan.part_ml = cupy.empty(rows * plan.max_splits * 2, dtype=cupy.float32)
     plan.partition = partition

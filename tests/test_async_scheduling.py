@@ -1,0 +1,102 @@
+"""Async scheduling (the engine launches step n+1 before it reads step n's tokens) gives the outputs of the
+synchronous engine: for greedy and seeded requests, with stops found one step late, preemption, prefix sharing,
+chunked prefill, and the requests that must run synchronously (n > 1, beams, logprobs, penalties) mixed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from cupaged import LLMEngine, SamplingParams
+from cupaged.engine.sequence import PENDING_TOKEN
+
+
+def _requests(kinds: int) -> list[tuple[list[int], SamplingParams]]:
+    """Requests of the first `kinds` kinds below: 4 run ahead, the others need the host's tokens each step."""
+    stops = list(range(3, 900, 7))  # about one token in seven of the low ids ends a request early
+    shared = [(11 * j) % 800 + 5 for j in range(40)]  # a common prefix of two full blocks and a half
+    reqs = []
+    for i in range(24):
+        prompt = (shared if i % 3 == 0 else []) + [(13 * i + 5 * j) % 900 + 3 for j in range(4 + 9 * i % 50)]
+        kind = i % kinds
+        if kind == 0:
+            params = SamplingParams(temperature=0, max_tokens=12 + i)
+        elif kind == 1:
+            params = SamplingParams(temperature=0.9, seed=i, max_tokens=40, stop_token_ids=stops)
+        elif kind == 2:
+            params = SamplingParams(temperature=1.0, top_k=20, seed=i, max_tokens=30, min_tokens=5,
+                                    stop_token_ids=stops)
+        elif kind == 3:
+            params = SamplingParams(temperature=1.0, seed=i, max_tokens=25, stop=["e", "a "])
+        elif kind == 4:
+            params = SamplingParams(n=2, temperature=1.0, seed=i, max_tokens=15)
+        elif kind == 5:
+            params = SamplingParams(temperature=0, max_tokens=10, logprobs=2)
+        elif kind == 6:
+            params = SamplingParams(temperature=0.8, seed=i, max_tokens=20, repetition_penalty=1.3)
+        else:
+            params = SamplingParams(beam_width=2, max_tokens=8)
+        reqs.append((prompt, params))
+    return reqs
+
+
+def _run(path, async_scheduling: bool, kinds: int, **engine_options) -> tuple[dict, int]:
+    engine = LLMEngine(str(path), device="cpu", async_scheduling=async_scheduling, **engine_options)
+    for i, (prompt, params) in enumerate(_requests(kinds)):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for c in out.outputs:
+                assert PENDING_TOKEN not in c.token_ids
+            if out.finished:
+                done[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
+    assert engine.blocks.num_used == 0
+    return done, engine.stats.num_steps_run_ahead
+
+
+@pytest.mark.parametrize("kinds", [4, 8])
+@pytest.mark.parametrize("options", [
+    dict(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=64),  # preemption and chunked prefill
+    dict(num_kv_blocks=400, max_num_seqs=32),
+])
+def test_async_outputs_equal_sync_outputs(checkpoints, options, kinds) -> None:
+    path = checkpoints("qwen3-tiny")
+    sync, sync_ahead = _run(path, False, kinds, **options)
+    run_ahead, ahead = _run(path, True, kinds, **options)
+    assert sync_ahead == 0 and ahead > (10 if kinds == 4 else 0)  # it ran ahead; the synchronous engine never does
+    assert len(sync) == 24
+    assert run_ahead == sync
+    stopped = [r for r in sync.values() if r[0][2] == "stop"]
+    assert len(stopped) >= 3  # stops that are found one step late were exercised
+
+
+def test_nothing_is_computed_past_the_last_token(checkpoints) -> None:
+    """When a request's pending token is its last (max_tokens), its next step is not scheduled: the engine
+    computes what the synchronous engine computes, and draws no extra random numbers."""
+    engine = LLMEngine(str(checkpoints("qwen3-tiny")), device="cpu", num_kv_blocks=8, block_size=16)
+    engine.add_request("r", list(range(3, 19)), SamplingParams(temperature=0, max_tokens=16))
+    out = []
+    while engine.has_unfinished_requests():
+        out += engine.step()
+    assert out[-1].finished and out[-1].outputs[0].finish_reason == "length"
+    assert len(out[-1].outputs[0].token_ids) == 16
+    assert engine.stats.num_computed_tokens == 16 + 16 - 1
+
+
+def test_abort_while_a_token_is_in_flight(checkpoints) -> None:
+    engine = LLMEngine(str(checkpoints("qwen3-tiny")), device="cpu", num_kv_blocks=64)
+    for i in range(3):
+        engine.add_request(str(i), [5 + i, 9, 13, 17], SamplingParams(temperature=0, max_tokens=20))
+    for _ in range(4):
+        engine.step()
+    assert engine._in_flight is not None and any(s.request_id == "1" for s in engine._in_flight.seqs)
+    assert engine.abort("1")
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    aborted = outs["1"][-1]
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    assert PENDING_TOKEN not in aborted.outputs[0].token_ids and len(aborted.outputs[0].token_ids) < 20
+    assert [len(outs[r][-1].outputs[0].token_ids) for r in "02"] == [20, 20]
+    assert engine.blocks.num_used == 0
