@@ -21,16 +21,16 @@ import click
 from bench.workload import nano_vllm_workload
 from cupaged import LLMEngine, SamplingParams
 from cupaged.checkpoint import open_checkpoint
+from cupaged.device import HostCopy
 
 
 @contextlib.contextmanager
 def time_phases(engine: LLMEngine) -> Iterator[dict[str, float]]:
-    """Wrap the parts of a step to add up their wall time (seconds) in the returned dict: scheduling, the model
-    (host work and kernel launches; the GPU runs on asynchronously), sampling (which waits for the GPU to reach
-    the sampled tokens); the rest of a step is bookkeeping (appending tokens, detokenizing, outputs)."""
-    import cupaged.engine.llm_engine as llm_engine
-
-    totals = {"schedule": 0.0, "model": 0.0, "sample_and_wait": 0.0}
+    """Wrap the parts of a step to add up their wall time (seconds) in the returned dict: scheduling, launching
+    (the model's inputs, its kernels or graph replay, the sampling kernel; the GPU runs on asynchronously),
+    processing the sampled tokens (appending, detokenizing, stop checks), of which waiting for the GPU to deliver
+    them is counted again apart. The rest of a step is outputs and statistics."""
+    totals = {"schedule": 0.0, "launch": 0.0, "process": 0.0, "wait_for_tokens": 0.0}
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
@@ -42,11 +42,14 @@ def time_phases(engine: LLMEngine) -> Iterator[dict[str, float]]:
         return wrapper
 
     engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
-    engine.runner.run = timed(engine.runner.run, "model")
-    engine_sample = llm_engine.sample
-    llm_engine.sample = timed(engine_sample, "sample_and_wait")
-    yield totals
-    llm_engine.sample = engine_sample
+    engine._launch = timed(engine._launch, "launch")
+    engine._process = timed(engine._process, "process")
+    result = HostCopy.result
+    HostCopy.result = timed(result, "wait_for_tokens")
+    try:
+        yield totals
+    finally:
+        HostCopy.result = result
 
 
 def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_options: dict) -> dict:
@@ -55,7 +58,8 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
     while engine.has_unfinished_requests():
         engine.step()
     for i, (prompt, n) in enumerate(workload):
-        engine.add_request(str(i), prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, seed=i))
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, seed=i,
+                                                          output_kind="final_only"))
     peak, generated, steps, preemptions = 0, 0, 0, 0
     sync = _synchronize(engine.device)
     sync()
@@ -85,6 +89,7 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
               "output_tokens_per_s": generated / elapsed, "total_tokens_per_s": (generated + prompt_tokens) / elapsed,
               "peak_kv_blocks": peak, "kv_blocks_total": total_blocks, "steps": steps,
               "preemptions": preemptions, "enforce_eager": bool(engine_options.get("enforce_eager")),
+              "async_scheduling": engine_options.get("async_scheduling", True),
               "ms_per_step": {k: 1e3 * v / steps for k, v in phases.items()} | {"total": 1e3 * elapsed / steps}}
     click.echo(f"cupaged: {result}", err=True)
     return result
@@ -169,16 +174,18 @@ def run_transformers_continuous(model: str, workload: list[tuple[list[int], int]
 @click.option("--max-num-seqs", default=256, show_default=True)
 @click.option("--max-num-batched-tokens", default=None, type=int)
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
+@click.option("--sync-scheduling", is_flag=True, help="No async scheduling: read each step's tokens before the next.")
 @click.option("--peers", is_flag=True, help="Also run transformers on the GPU (needs torch and transformers).")
 @click.option("--peer-requests", default=None, type=int, help="Run the peers on the first N requests only.")
 @click.option("--json", "json_path", default=None)
 def main(model: str, num_requests: int, scale: int, device: str | None, dtype: str, max_num_seqs: int,
-         max_num_batched_tokens: int | None, enforce_eager: bool, peers: bool, peer_requests: int | None,
-         json_path: str | None) -> None:
+         max_num_batched_tokens: int | None, enforce_eager: bool, sync_scheduling: bool, peers: bool,
+         peer_requests: int | None, json_path: str | None) -> None:
     vocab = open_checkpoint(model)[0].vocab_size
     workload = nano_vllm_workload(num_requests, scale, vocab=vocab)
     options = dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
+                   max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
+                   async_scheduling=not sync_scheduling)
     results = [run_cupaged(model, workload, options)]
     if peers:
         subset = workload[:peer_requests or len(workload)]
