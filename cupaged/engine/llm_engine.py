@@ -248,8 +248,8 @@ class LLMEngine:
                 targets = [seq]
             sample_seqs += targets
             sample_rows += [row] * len(targets)
-        launched = _Launched(sample_seqs, [], None, None, {}, beam_groups,
-                             self.async_scheduling and not beam_groups and all(map(_runs_ahead, sample_seqs)))
+        launched = _Launched(seqs=sample_seqs, indices=[], tokens=None, host=None, rows={}, beam_groups=beam_groups,
+                             run_ahead=self.async_scheduling and not beam_groups and all(map(_runs_ahead, sample_seqs)))
         if sample_seqs:
             if sample_rows != list(range(len(rows))):
                 logits = logits[self.runner.xp.asarray(np.array(sample_rows))]
