@@ -103,7 +103,7 @@ def log_softmax(logits: Array) -> Array:
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def needs_logprobs(seq: Sequence) -> bool:
+def _needs_logprobs(seq: Sequence) -> bool:
     return seq.params.logprobs is not None or seq.params.num_sequences > seq.params.n
 
 
@@ -112,7 +112,7 @@ def record_logprobs(raw: Array, seqs: list[Sequence], tokens: list[int]) -> None
 
     Kept for requests that ask for logprobs, and summed for best_of requests, which rank samples by it.
     """
-    rows = [i for i, s in enumerate(seqs) if needs_logprobs(s)]
+    rows = [i for i, s in enumerate(seqs) if _needs_logprobs(s)]
     if not rows:
         return
     xp = array_module(raw)
