@@ -35,6 +35,7 @@ def main(model: str | None, num_requests: int, scale: int, block_size: int, devi
         model = str(make_checkpoint(tempfile.mkdtemp(), "qwen3-tiny", max_position_embeddings=4096))
     engine = LLMEngine(model, device=device, block_size=block_size, max_model_len=2 * (1024 // scale))
     workload = nano_vllm_workload(num_requests, scale, vocab=engine.config.vocab_size)
+    engine.core.kv_history = history = []  # (slots used, slots allocated) after each step
     for i, (prompt, n) in enumerate(workload):
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=n, ignore_eos=True))
     reserved_waste: list[float] = []
@@ -42,10 +43,9 @@ def main(model: str | None, num_requests: int, scale: int, block_size: int, devi
         while engine.has_unfinished_requests():
             finished = sum(o.finished for o in engine.step())
             bar.update(finished)
-            running = engine.scheduler.running
+            running = engine.stats.num_running_requests
             if running:  # a max-length reservation holds max_model_len slots for each running request
-                reserved_waste.append(1 - engine.stats.kv_slots_used / (len(running) * engine.max_model_len))
-    history = engine.stats.history
+                reserved_waste.append(1 - engine.stats.kv_slots_used / (running * engine.max_model_len))
     waste = [1 - used / alloc for used, alloc in history]
     result = {
         "requests": num_requests, "scale": scale, "block_size": block_size, "steps": len(history),

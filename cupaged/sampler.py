@@ -15,7 +15,7 @@ import numpy as np
 from cupaged.device import array_module, to_numpy
 from cupaged.layers import ops_for
 from cupaged.layers.reference import inverse_cdf, tempered_probs
-from cupaged.engine.sequence import Logprob, Sequence
+from cupaged.engine.sequence import Sequence
 
 Array = Any
 
@@ -125,5 +125,5 @@ def record_logprobs(raw: Array, seqs: list[Sequence], tokens: list[int]) -> None
         seqs[i].cumulative_logprob += float(chosen_lp[j])
         n = seqs[i].params.logprobs
         if n is not None:
-            seqs[i].logprobs.append(Logprob(tokens[i], float(chosen_lp[j]),
-                                            {int(t): float(v) for t, v in zip(top[j, :n], logp_host_top[j, :n])}))
+            seqs[i].logprobs.append((tokens[i], float(chosen_lp[j]), top[j, :n].tolist(),
+                                     logp_host_top[j, :n].astype(float).tolist()))

@@ -136,6 +136,26 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def add_many(self, token_ids: list[int]) -> str:
+        """Append tokens; return the newly complete text. Several tokens are decoded in one call (the text is the
+        same as adding them one by one: byte-level and SentencePiece decoding concatenate), except when the last
+        ones end inside a character, which `add` then holds back token by token."""
+        if len(token_ids) == 1:
+            return self.add(token_ids[0])
+        if not token_ids:
+            return ""
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:] + list(token_ids))
+        if new_text.endswith("\ufffd"):
+            return "".join(self.add(t) for t in token_ids)
+        self.ids += token_ids
+        if len(new_text) <= len(prefix_text):
+            return ""
+        delta = new_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
     def add(self, token_id: int) -> str:
         """Append one token; return the newly complete text (possibly empty)."""
         self.ids.append(token_id)

@@ -50,7 +50,7 @@ def _run(path, async_scheduling: bool, kinds: int, **engine_options) -> tuple[di
                 assert PENDING_TOKEN not in c.token_ids
             if out.finished:
                 done[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
-    assert engine.blocks.num_used == 0
+    assert engine.core.blocks.num_used == 0
     return done, engine.stats.num_steps_run_ahead
 
 
@@ -89,7 +89,7 @@ def test_abort_while_a_token_is_in_flight(checkpoints) -> None:
         engine.add_request(str(i), [5 + i, 9, 13, 17], SamplingParams(temperature=0, max_tokens=20))
     for _ in range(4):
         engine.step()
-    assert engine._in_flight is not None and any(s.request_id == "1" for s in engine._in_flight.seqs)
+    assert engine.core._in_flight is not None and any(s.request_id == "1" for s in engine.core._in_flight.seqs)
     assert engine.abort("1")
     outs = {}
     while engine.has_unfinished_requests():
@@ -99,4 +99,4 @@ def test_abort_while_a_token_is_in_flight(checkpoints) -> None:
     assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
     assert PENDING_TOKEN not in aborted.outputs[0].token_ids and len(aborted.outputs[0].token_ids) < 20
     assert [len(outs[r][-1].outputs[0].token_ids) for r in "02"] == [20, 20]
-    assert engine.blocks.num_used == 0
+    assert engine.core.blocks.num_used == 0

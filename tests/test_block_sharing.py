@@ -48,7 +48,7 @@ def test_copy_on_write_and_prefix_cache_keep_sequences_apart(program, block_size
         rnd = np.random.default_rng(r)
         if op == "new" or not live:
             # prompts from a small alphabet share prefixes often, so the prefix cache gets hits
-            seq = Sequence("r", None, rnd.integers(0, 3, int(rnd.integers(1, 20))).tolist(), SamplingParams())
+            seq = Sequence("r", rnd.integers(0, 3, int(rnd.integers(1, 20))).tolist(), SamplingParams())
             blocks.take_cached_prefix(seq, blocks.cached_prefix(seq))
             if compute(seq, seq.num_tokens):
                 live.append(seq)
@@ -79,14 +79,14 @@ def test_copy_on_write_and_prefix_cache_keep_sequences_apart(program, block_size
 
 def test_prefix_cache_hit_and_lru_eviction() -> None:
     blocks = BlockManager(num_blocks=4, block_size=2)
-    a = Sequence("a", None, [1, 2, 3, 4, 5], SamplingParams())
+    a = Sequence("a", [1, 2, 3, 4, 5], SamplingParams())
     blocks.allocate(a, 5)
     a.num_computed_tokens = 5
     blocks.register_full_blocks(a)
     blocks.free(a)  # its blocks stay cached
-    b = Sequence("b", None, [1, 2, 3, 4, 9], SamplingParams())
+    b = Sequence("b", [1, 2, 3, 4, 9], SamplingParams())
     hit = blocks.cached_prefix(b)
     assert len(hit) == 2  # [1,2] and [3,4]; never the block holding the last token
-    c = Sequence("c", None, [7, 7, 7, 7, 7, 7, 7, 7], SamplingParams())
+    c = Sequence("c", [7, 7, 7, 7, 7, 7, 7, 7], SamplingParams())
     blocks.allocate(c, 8)  # takes all four blocks: the cached ones are evicted
     assert blocks.cached_prefix(b) == []

@@ -36,8 +36,8 @@ def test_graphs_give_the_same_tokens_as_eager(checkpoints) -> None:
                                                 max_tokens=int(rng.integers(1, 80)), ignore_eos=True)))
     graphs, llm = generate(path, requests)
     eager, eager_llm = generate(path, requests, enforce_eager=True)
-    assert eager_llm.engine.runner.graphs is None
-    replays = llm.engine.runner.graphs.replays
+    assert eager_llm.engine.core.runner.graphs is None
+    replays = llm.engine.core.runner.graphs.replays
     assert len(replays) > 5, f"too few batch sizes replayed: {replays}"  # several padded sizes were exercised
     assert graphs == eager
 
@@ -81,7 +81,7 @@ def test_replays_leave_the_other_graphs_plans_intact(checkpoints) -> None:
 
     llm = LLM(str(checkpoints("qwen3-tiny", "bfloat16")), device="cuda", dtype="bfloat16", num_kv_blocks=64,
               max_num_seqs=48)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     graphs = runner.graphs.graphs
     assert len(graphs) > 5
     for size in sorted(graphs, reverse=True):

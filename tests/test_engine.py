@@ -25,7 +25,7 @@ def llm(path) -> LLM:
 
 def sequential_greedy(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy decoding one sequence at a time with a full forward over all tokens at every step."""
-    model, tokens = engine.runner.model, list(prompt)
+    model, tokens = engine.core.runner.model, list(prompt)
     for _ in range(max_tokens):
         n, blocks = len(tokens), -(-len(tokens) // 16)
         cache = KVCache(model.config, blocks, 16, np.float32, np)
@@ -50,7 +50,7 @@ def test_greedy_batched_with_preemption_equals_sequential(path) -> None:
                 assert out.request_id not in results, "a request finished twice"
                 results[out.request_id] = out.outputs[0]
     assert engine.stats.num_preemptions > 0, "the cache was meant to be too small: preemption must happen"
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         assert results[str(i)].token_ids == sequential_greedy(engine, p, n), f"request {i}"
         assert results[str(i)].finish_reason == "length"
@@ -83,15 +83,15 @@ def test_abort_frees_blocks(path) -> None:
     for i in range(3):
         engine.add_request(str(i), [5] * 40, SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
-    used = engine.blocks.num_used
+    used = engine.core.blocks.num_used
     assert used > 0 and engine.abort("1") and not engine.abort("1") and not engine.abort("nope")
-    assert engine.blocks.num_used < used
+    assert engine.core.blocks.num_used < used
     outs = engine.step()
     aborted = [o for o in outs if o.request_id == "1"]
     assert aborted and aborted[0].finished and aborted[0].outputs[0].finish_reason == "abort"
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
 
 
 def test_stop_string_ends_text_before_it(llm) -> None:

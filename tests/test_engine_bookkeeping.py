@@ -16,13 +16,13 @@ def test_waiting_count_matches_the_queue(checkpoints) -> None:
     step = 0
     while engine.has_unfinished_requests():
         engine.step()
-        waiting = engine.scheduler.waiting
-        assert engine.stats.num_waiting == sum(len(g.live()) for g in waiting) == engine.scheduler.num_waiting_seqs
-        assert engine.stats.num_running == engine.scheduler.num_running_seqs()
+        waiting = engine.core.scheduler.waiting
+        assert engine.stats.num_waiting == sum(len(g.live()) for g in waiting) == engine.core.scheduler.num_waiting_seqs
+        assert engine.stats.num_running == engine.core.scheduler.num_running_seqs()
         partly_finished_waited |= any(len(g.live()) < len(g.seqs) for g in waiting)
         step += 1
         if step % 7 == 0:  # the next step reports it
             engine.abort(str(step // 7 * 3 % 16))
-            assert engine.scheduler.num_waiting_seqs == sum(len(g.live()) for g in engine.scheduler.waiting)
+            assert engine.core.scheduler.num_waiting_seqs == sum(len(g.live()) for g in engine.core.scheduler.waiting)
     assert engine.stats.num_preemptions > 0 and partly_finished_waited
-    assert engine.scheduler.num_waiting_seqs == 0
+    assert engine.core.scheduler.num_waiting_seqs == 0

@@ -20,7 +20,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def empirical(logits: np.ndarray, params: SamplingParams, seed: int = 0) -> np.ndarray:
     """Frequencies of each token over DRAWS independent draws (one batch of DRAWS identical rows)."""
-    seqs = [Sequence(str(i), None, [0], params) for i in range(DRAWS)]
+    seqs = [Sequence(str(i), [0], params) for i in range(DRAWS)]
     batch = np.tile(logits.astype(np.float32), (DRAWS, 1))
     tokens = sample(batch, seqs, eos_ids=[], rng=np.random.default_rng(seed))
     return np.bincount(tokens, minlength=V) / DRAWS
@@ -75,13 +75,13 @@ def test_filters_combine_with_temperature() -> None:
 
 
 def test_greedy_is_argmax() -> None:
-    seqs = [Sequence("g", None, [0], SamplingParams(temperature=0))]
+    seqs = [Sequence("g", [0], SamplingParams(temperature=0))]
     assert sample(LOGITS[None].astype(np.float32), seqs, [], np.random.default_rng(0)) == [int(np.argmax(LOGITS))]
 
 
 def test_seeded_rows_do_not_depend_on_neighbours() -> None:
     def seeded_draws(batch: int) -> list[int]:
-        seqs = [Sequence(str(i), None, [0], SamplingParams(seed=5 if i == 0 else None)) for i in range(batch)]
+        seqs = [Sequence(str(i), [0], SamplingParams(seed=5 if i == 0 else None)) for i in range(batch)]
         logits = np.tile(LOGITS.astype(np.float32), (batch, 1))
         other_rng = np.random.default_rng(batch)
         return [sample(logits, seqs, [], other_rng)[0] for _ in range(30)]
@@ -93,7 +93,7 @@ def test_seeded_rows_do_not_depend_on_neighbours() -> None:
 
 def test_penalties() -> None:
     logits = np.array([[2.0, -2.0, 1.0, 0.5]], np.float32)
-    seq = Sequence("p", None, [0, 1], SamplingParams(repetition_penalty=2.0, presence_penalty=0.5,
+    seq = Sequence("p", [0, 1], SamplingParams(repetition_penalty=2.0, presence_penalty=0.5,
                                                       frequency_penalty=0.25, min_tokens=3, stop_token_ids=[3]))
     seq.token_ids += [2, 2]  # two output tokens
     out = apply_penalties(logits.copy(), [seq], eos_ids=[])

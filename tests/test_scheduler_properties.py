@@ -57,7 +57,7 @@ def test_scheduler_invariants(requests, num_blocks, block_size, max_num_seqs, to
     for i, (prompt_len, out_len, arrival) in enumerate(requests):
         prompt_len = min(prompt_len, capacity - 1)
         out_len = min(out_len, capacity - prompt_len)  # the engine caps length at the cache's capacity
-        seq = Sequence(str(i), None, [1] * prompt_len, SamplingParams(max_tokens=out_len))
+        seq = Sequence(str(i), [1] * prompt_len, SamplingParams(max_tokens=out_len))
         pending.append((arrival, seq, out_len))
     pending.sort(key=lambda r: r[0])
     finished: list[str] = []
@@ -97,7 +97,7 @@ def test_preemption_requeues_youngest_first() -> None:
     """When blocks run out the most recently admitted request is preempted and rejoins the queue's front."""
     blocks = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
     sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
-    seqs = [Sequence(str(i), None, [1] * 6, SamplingParams(max_tokens=20)) for i in range(3)]
+    seqs = [Sequence(str(i), [1] * 6, SamplingParams(max_tokens=20)) for i in range(3)]
     for s in seqs:
         sched.add(SequenceGroup(s.request_id, [s]))
     preempted = []

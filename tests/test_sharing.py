@@ -98,7 +98,7 @@ def test_beam_search_equals_transformers_fixture(checkpoints, width: int) -> Non
     outs = run(engine, [(fixture[f"prompt_{i}"].tolist(), params) for i in range(n)])
     for i, out in enumerate(outs):
         assert out.outputs[0].token_ids == fixture[f"output_{i}"].tolist(), f"prompt {i}"
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
 
 
 def test_beams_share_blocks(path) -> None:

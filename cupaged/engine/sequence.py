@@ -1,16 +1,18 @@
-"""A request's sequence: its tokens, its KV blocks, its state and why it finished."""
+"""A request's sequence as the engine core sees it: its tokens, its KV blocks, its state and why it finished.
+
+Text, stop strings and output formatting belong to the front (output_processor.py); a sequence holds only what
+scheduling, sampling and reporting token ids need.
+"""
 
 from __future__ import annotations
 
 import enum
 import itertools
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from cupaged.engine.protocol import TokenLogprobs
 from cupaged.sampling_params import SamplingParams
-from cupaged.tokenizer import IncrementalDetokenizer
 
 
 class SequenceStatus(enum.Enum):
@@ -18,15 +20,6 @@ class SequenceStatus(enum.Enum):
     RUNNING = "running"        # holds KV blocks, computed each step
     PREEMPTED = "preempted"    # lost its blocks to an older request; waits at the front of the queue to recompute
     FINISHED = "finished"
-
-
-@dataclass
-class Logprob:
-    """Log-probability of the chosen token and of the top-n candidates at one step."""
-
-    token_id: int
-    logprob: float
-    top: dict[int, float] = field(default_factory=dict)
 
 
 _ids = itertools.count()
@@ -37,11 +30,10 @@ PENDING_TOKEN = -1
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer | None = None, token_limit: int | None = None):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 token_limit: int | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
-        self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)      # prompt then outputs
         # it finishes ("length") once it holds this many tokens: the prompt plus max_tokens, within the context
@@ -53,15 +45,11 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []            # prefix-cache hashes of the full blocks, in order
         self.num_computed_tokens = 0                 # tokens whose K/V is in the cache
-        self.arrival_time = time.monotonic()
-        self.first_token_time: float | None = None
-        self.finish_reason: str | None = None        # "length", "stop" or "abort"
-        self.stop_reason: int | str | None = None    # the stop token id or stop string that ended it
-        self.detokenizer = detokenizer
-        self.output_text = ""
-        self.released_chars = 0                      # output_text[:released_chars] can be shown
-        self.streamed_chars = 0                      # ...and this much of it has been returned already
-        self.logprobs: list[Logprob] = []
+        self.finish_reason: str | None = None        # "length", "stop", "abort" or "error"
+        self.stop_reason: int | None = None          # the stop token id that ended it
+        self.logprobs: list[TokenLogprobs] = []
+        self.num_reported = 0                        # output tokens (and logprobs) already reported to the front
+        self.finish_reported = False
         self.cumulative_logprob = 0.0                # sum of the chosen tokens' log-probabilities (best_of, beams)
         self.pending_logprobs = None                 # beam search: this beam's next-token log-probs, until all beams have theirs
         self.index = 0                               # which of the request's n / best_of / beam sequences
@@ -90,17 +78,13 @@ class Sequence:
 
     def fork(self, index: int) -> "Sequence":
         """A copy that continues independently (its blocks are shared through BlockManager.fork)."""
-        child = Sequence(self.request_id, self.prompt, self.prompt_token_ids, self.params, token_limit=self.token_limit)
+        child = Sequence(self.request_id, self.prompt_token_ids, self.params, token_limit=self.token_limit)
         child.token_ids = list(self.token_ids)
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status
-        child.first_token_time = self.first_token_time
         child.logprobs = list(self.logprobs)
         child.cumulative_logprob = self.cumulative_logprob
         child.index = index
-        if self.detokenizer is not None:
-            child.detokenizer = self.detokenizer.copy()
-            child.output_text = self.output_text
         if self.params.seed is not None:  # each of the n samples draws its own stream, reproducibly
             child.rng = np.random.default_rng([self.params.seed, index])
         return child
@@ -116,15 +100,13 @@ class SequenceGroup:
     def __init__(self, request_id: str, seqs: list[Sequence]):
         self.request_id = request_id
         self.seqs = seqs
-        self.prompt = seqs[0].prompt
         self.prompt_token_ids = seqs[0].prompt_token_ids
         self.params = seqs[0].params
-        self.arrival_time = seqs[0].arrival_time
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.beam_finished: list[tuple[float, Sequence]] = []  # beam search: (length-penalised score, beam)
         self.num_preemptions = 0
-        self.streamed_chars: dict[int, int] = {}
+        self.error: str | None = None                          # why it finished with finish_reason "error"
 
     def live(self) -> list[Sequence]:
         # Called several times a step for every running request: test the status directly, not through the

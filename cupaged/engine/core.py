@@ -1,0 +1,420 @@
+"""EngineCore: token ids in, token ids out, one step at a time.
+
+The core owns the model runner, the KV block manager, the scheduler and the sampler. A request reaches it as an
+`EngineCoreRequest` (prompt token ids and sampling parameters); `step()` schedules one batch, runs the model,
+samples, and returns an `EngineCoreOutputs`: for every request that advanced, each sequence's new token ids, its
+finish reason (stop token, EOS, length) and the logprobs asked for. Text, stop strings and output formatting are
+the front's (output_processor.py), so the core's critical path holds no tokenizer work.
+
+Async scheduling (DESIGN.md): `step()` launches step n+1 before it reads back step n's tokens, so the host's work
+on step n overlaps the GPU's on step n+1; the tokens still on the device are private to the core.
+
+A step that raises (a kernel error, out of memory, a bug) fails the requests it held with finish reason
+"error" and frees their blocks; the core goes on with the requests that wait and those that come.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cupaged import device as devices
+from cupaged.checkpoint import dummy_weights, open_checkpoint
+from cupaged.device import HostCopy
+from cupaged.engine.beam_search import beam_step
+from cupaged.engine.block_manager import BlockManager
+from cupaged.engine.model_runner import ModelRunner
+from cupaged.engine.protocol import (CoreInfo, EngineCoreOutputs, EngineCoreRequest, EngineStats, RequestDelta,
+                                     SequenceDelta)
+from cupaged.engine.scheduler import ScheduledBatch, Scheduler
+from cupaged.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
+from cupaged.models.llama import expected_weights
+from cupaged.sampler import log_softmax, record_logprobs, sample_on_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device, whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]               # the sequences that get a token, in the order of `tokens`
+    indices: list[int]                 # where each one's token goes in its token_ids (PENDING_TOKEN until then)
+    tokens: Any                        # the sampled tokens, on the device
+    host: HostCopy | None              # ...and their copy to the host, under way
+    rows: dict[int, int]               # seq_id -> row in `tokens`: the next step reads its inputs from there
+    beam_groups: dict[str, SequenceGroup]
+    run_ahead: bool                    # whether the next step may be launched before this one is processed
+    logits: Any = None                 # kept when logprobs must be recorded
+
+
+def _runs_ahead(seq: Sequence) -> bool:
+    """Whether seq's next step can be launched before its sampled token reaches the host: not when that step
+    needs the host's view of the token (penalties read the token history, logprobs read this step's logits, the
+    samples of n / best_of and beams are chosen on the host)."""
+    p = seq.params
+    return (p.num_sequences == 1 and p.logprobs is None and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)
+
+
+def _reports_every_step(params: Any) -> bool:
+    """Whether the front needs a request's tokens as they come: not for final_only requests without stop strings
+    (the front then reads the whole output once, when it finishes)."""
+    return params.output_kind != "final_only" or bool(params.stop)
+
+
+class EngineCore:
+    def __init__(self, model: str, *, dtype: str = "auto", device: str | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
+                 async_scheduling: bool = True):
+        if block_size not in (8, 16, 32):
+            raise ValueError(f"block_size must be 8, 16 or 32, got {block_size}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
+        self.device = devices.set_device(device)
+        xp = devices.xp()
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device == "cuda" else "float32"
+        self.dtype = devices.resolve_dtype(dtype)
+        t0 = time.perf_counter()
+        self.config, self.tokenizer, read_tensors = open_checkpoint(model)
+        if load_format == "dummy":
+            tensors = dummy_weights(expected_weights(self.config), self.dtype, xp, seed)
+        else:
+            tensors = read_tensors(expected_weights(self.config), self.dtype.name)
+        model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
+        self.runner = ModelRunner(self.config, tensors, self.dtype, self.device, xp, block_size,
+                                  max_num_batched_tokens, model_len, max_num_seqs)
+        del tensors
+        num_blocks = num_kv_blocks or self.runner.profile_num_blocks(gpu_memory_utilization, cpu_kv_cache_bytes)
+        if num_blocks * block_size < model_len:
+            logger.warning("the KV cache holds %d tokens, fewer than the model's context; max_model_len is now %d",
+                           num_blocks * block_size, num_blocks * block_size)
+            model_len = num_blocks * block_size
+        self.runner.allocate_cache(num_blocks, model_len)
+        if self.device == "cuda" and not enforce_eager:
+            self.runner.capture_decode_graphs()
+        self.max_model_len = model_len
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.rng = np.random.default_rng(seed)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._aborted: list[SequenceGroup] = []  # reported by the next step
+        self.async_scheduling = async_scheduling
+        self._in_flight: _Launched | None = None  # launched, not yet processed (async scheduling)
+        self.stats = EngineStats(kv_blocks_total=num_blocks)
+        # Host seconds per phase of a step, summed (benchmarks read them): scheduling, launching the step, and
+        # processing the sampled tokens, of which waiting for the GPU to deliver them is counted again apart.
+        self.timings = {"schedule": 0.0, "launch": 0.0, "process": 0.0, "wait_for_tokens": 0.0}
+        # Set to a list to record each step's (query lens, context lens, rows sampled): bench/floor.py's input.
+        self.trace: list[tuple[np.ndarray, np.ndarray, int]] | None = None
+        # Set to a list to record each step's (KV slots used, slots allocated): bench/bench_kv_waste.py's input.
+        self.kv_history: list[tuple[int, int]] | None = None
+        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB)",
+                    model, self.config.architecture, self.config.num_layers, self.dtype.name, self.device,
+                    time.perf_counter() - t0, num_blocks, block_size,
+                    num_blocks * self.runner.bytes_per_block() / 2**30)
+
+    def info(self) -> CoreInfo:
+        return CoreInfo(self.max_model_len, self.blocks.num_blocks, self.blocks.block_size, self.config.vocab_size,
+                        self.device)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request. Raises ValueError, with the reason, for a request that can never be served."""
+        request_id, ids, params = request.request_id, request.prompt_token_ids, request.params
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        check_prompt(ids, self.config.vocab_size, self.max_model_len)
+        longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if params.num_sequences * self.blocks.blocks_for(longest) > self.blocks.num_blocks:
+            raise ValueError(f"{params.num_sequences} sequences of up to {longest} tokens need more KV blocks than "
+                             f"the cache has ({self.blocks.num_blocks} of {self.blocks.block_size} tokens)")
+        # it stops at `longest` tokens (a prompt that fills the context still gets one token)
+        limit = max(longest, len(ids) + 1)
+        group = SequenceGroup(request_id, [Sequence(request_id, ids, params, token_limit=limit)])
+        self.groups[request_id] = group
+        self.scheduler.add(group)
+
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Cancel a request (or only its sequence `index`: the front found a stop string in it); its blocks are
+        freed at once. Returns False if it is unknown or already finished."""
+        group = self.groups.get(request_id)
+        if group is None or group.is_finished:
+            return False
+        if index is not None:
+            seq = next((s for s in group.live() if s.index == index), None)
+            if seq is None:
+                return False
+            if len(group.live()) > 1:
+                self.scheduler.finish_seq(seq, "abort")
+                self._count()
+                return True
+        self.scheduler.finish(group, "abort")
+        group.finish_reason = "abort"
+        self._aborted.append(group)
+        self._count()
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        """Run one batch; report the requests that advanced (with async scheduling: in the previous step)."""
+        try:
+            return self._step()
+        except Exception as exc:  # noqa: BLE001 - fail the step's requests, keep serving the others
+            logger.exception("an engine step failed")
+            return self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
+
+    def _step(self) -> EngineCoreOutputs:
+        t0 = time.perf_counter()
+        advanced: dict[str, SequenceGroup] = {g.request_id: g for g in self._aborted}
+        self._aborted = []
+        previous, self._in_flight = self._in_flight, None
+        batch = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        self.timings["schedule"] += t1 - t0
+        launched = self._launch(batch, previous) if batch.seqs else None
+        self.timings["launch"] += time.perf_counter() - t1
+        if previous is not None:
+            self._process(previous, advanced)
+        if launched is not None:
+            # after `previous`: the blocks just computed may hold its tokens, which prefix-cache hashes read
+            for seq in batch.seqs:
+                if not seq.is_finished:
+                    self.blocks.register_full_blocks(seq)
+            if launched.run_ahead:
+                self._in_flight = launched
+                self.stats.num_steps_run_ahead += 1
+            else:
+                self._process(launched, advanced)
+        for group in advanced.values():
+            if not group.is_finished and not group.live():
+                self.scheduler.finish(group)
+        self._update_stats(sum(batch.num_new_tokens), time.perf_counter() - t0)
+        outputs = [delta for g in advanced.values() if (delta := self._report(g)) is not None]
+        for group in advanced.values():
+            if group.is_finished:
+                del self.groups[group.request_id]
+        return EngineCoreOutputs(outputs, self.stats)
+
+    def _launch(self, batch: ScheduledBatch, previous: _Launched | None) -> _Launched:
+        """Queue the batch's forward and sampling on the device; the sampled tokens stay there (PENDING_TOKEN in
+        the sequences' token ids) until `_process` reads them."""
+        self.runner.copy_blocks(batch.block_copies)
+        pending = (previous.tokens, previous.rows) if previous is not None else None
+        if self.trace is not None:
+            self.trace.append((np.array(batch.num_new_tokens, np.int32),
+                               np.array([s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)],
+                                        np.int32), 0))
+        logits, rows = self.runner.run(batch.seqs, batch.num_new_tokens, pending)
+        if self.trace is not None:
+            self.trace[-1] = self.trace[-1][:2] + (len(rows),)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        sample_seqs, sample_rows, beam_groups = [], [], {}
+        for row, i in enumerate(rows):
+            seq = batch.seqs[i]
+            group = self.groups[seq.request_id]
+            if seq.params.beam_width > 1:
+                seq.pending_logprobs = log_softmax(logits[row])
+                beam_groups[group.request_id] = group
+                continue
+            if seq.num_output_tokens == 0 and len(group.seqs) < seq.params.num_sequences:
+                self._fork(group, seq, seq.params.num_sequences)  # the prompt was computed once for all
+                targets = group.seqs
+            else:
+                targets = [seq]
+            sample_seqs += targets
+            sample_rows += [row] * len(targets)
+        launched = _Launched(seqs=sample_seqs, indices=[], tokens=None, host=None, rows={}, beam_groups=beam_groups,
+                             run_ahead=self.async_scheduling and not beam_groups and all(map(_runs_ahead, sample_seqs)))
+        if sample_seqs:
+            if sample_rows != list(range(len(rows))):
+                logits = logits[self.runner.xp.asarray(np.array(sample_rows))]
+            launched.tokens = sample_on_device(logits, sample_seqs, self.eos_token_ids, self.rng)
+            launched.host = HostCopy(launched.tokens)
+            if not launched.run_ahead:
+                launched.logits = logits  # for logprobs: read before the next step overwrites them
+            for row, seq in enumerate(sample_seqs):
+                launched.indices.append(len(seq.token_ids))
+                seq.token_ids.append(PENDING_TOKEN)
+                launched.rows[seq.seq_id] = row
+        return launched
+
+    def _process(self, launched: _Launched, advanced: dict[str, SequenceGroup]) -> None:
+        """Read a launched step's tokens back and append them: check stops, step beams."""
+        t0 = time.perf_counter()
+        if launched.seqs:
+            tokens = launched.host.result().tolist()
+            t1 = time.perf_counter()
+            self.timings["wait_for_tokens"] += t1 - t0
+            if launched.logits is not None:
+                record_logprobs(launched.logits, launched.seqs, tokens)
+            for seq, index, token in zip(launched.seqs, launched.indices, tokens):
+                if seq.is_finished:  # aborted, or ended by its previous token: this one is dropped
+                    del seq.token_ids[index:]
+                    continue
+                later = seq.token_ids[index + 1:]  # the pending token of a step launched since
+                del seq.token_ids[index:]
+                self._append_token(seq, token)
+                if later and not seq.is_finished:
+                    seq.token_ids += later
+                advanced[seq.request_id] = self.groups[seq.request_id]
+        for group in launched.beam_groups.values():
+            if all(s.pending_logprobs is not None for s in group.live()):
+                self._beam_step(group)
+                advanced[group.request_id] = group
+        self.timings["process"] += time.perf_counter() - t0
+
+    def _fork(self, group: SequenceGroup, seq: Sequence, count: int) -> None:
+        """Turn a one-sequence group into `count` sequences sharing seq's blocks."""
+        for index in range(len(group.seqs), count):
+            child = seq.fork(index)
+            self.blocks.fork(seq, child)
+            group.seqs.append(child)
+
+    def _beam_step(self, group: SequenceGroup) -> None:
+        """Advance a beam-search group by one token: fork, keep or drop beams (see beam_search.py)."""
+        eos = group.params.stop_token_ids + ([] if group.params.ignore_eos else self.eos_token_ids)
+        live = group.live()
+        at_max_length = live[0].num_tokens + 1 >= live[0].token_limit
+        choices, done = beam_step(group, eos, at_max_length)
+        kids: dict[int, list[tuple[int, float]]] = {}
+        for parent, token, score in choices:
+            kids.setdefault(parent, []).append((token, score))
+        beams = []
+        for p, seq in enumerate(live):
+            seq.pending_logprobs = None
+            for j, (token, score) in enumerate(kids.get(p, [])):
+                beam = seq if j == len(kids[p]) - 1 else seq.fork(len(group.seqs) + len(beams))
+                if beam is not seq:
+                    self.blocks.fork(seq, beam)
+                beam.token_ids.append(token)
+                beam.cumulative_logprob = score
+                beams.append(beam)
+            if p not in kids:
+                self.scheduler.blocks.free(seq)  # a beam that no candidate continues
+        group.seqs = beams
+        if done:
+            self.scheduler.finish(group, "length")
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        """Add a sampled token and decide whether the sequence is done (stop token, EOS, length; stop strings
+        are the front's)."""
+        p = seq.params
+        seq.token_ids.append(token)
+        reason = None
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                reason, seq.stop_reason = "stop", token
+            elif not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+        if reason is None and len(seq.token_ids) >= seq.token_limit:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish_seq(seq, reason)
+
+    # -- reports ----------------------------------------------------------------------------------------------
+    def _report(self, group: SequenceGroup) -> RequestDelta | None:
+        """What the front has not heard of a request yet; None when there is nothing it needs now."""
+        finished = group.is_finished
+        if not finished and not _reports_every_step(group.params):
+            return None
+        if group.params.beam_width > 1:
+            if not finished:
+                return None
+            seqs = [self._beam_delta(group, i, beam) for i, (_, beam) in enumerate(group.beam_finished[:group.params.n])]
+        else:
+            seqs = [d for s in group.seqs if (d := self._seq_delta(s, group, finished)) is not None]
+        return RequestDelta(group.request_id, seqs, finished, group.num_preemptions, group.error)
+
+    @staticmethod
+    def _seq_delta(seq: Sequence, group: SequenceGroup, finished: bool) -> SequenceDelta | None:
+        end = len(seq.token_ids)
+        if end and seq.token_ids[-1] == PENDING_TOKEN:  # the token of a step still on the device
+            end -= 1
+        start = seq.num_prompt_tokens + seq.num_reported
+        reason = seq.finish_reason or (group.finish_reason if finished else None)
+        if end <= start and (reason is None or seq.finish_reported):
+            return None
+        delta = SequenceDelta(seq.index, seq.token_ids[start:end], reason, seq.stop_reason, seq.cumulative_logprob)
+        if seq.params.logprobs is not None:
+            delta.logprobs = seq.logprobs[seq.num_reported:end - seq.num_prompt_tokens]
+        seq.num_reported = end - seq.num_prompt_tokens
+        seq.finish_reported = reason is not None
+        return delta
+
+    def _beam_delta(self, group: SequenceGroup, index: int, beam: Sequence) -> SequenceDelta:
+        ids = beam.output_token_ids
+        p = group.params
+        ended = bool(ids) and (ids[-1] in p.stop_token_ids or ids[-1] in self.eos_token_ids and not p.ignore_eos)
+        return SequenceDelta(index, ids, "stop" if ended else "length", None, beam.cumulative_logprob)
+
+    def _fail_running(self, message: str) -> EngineCoreOutputs:
+        """After a step raised: end every request that was running or in flight with finish reason "error" (their
+        state is not to be trusted), free their blocks, and report them. Waiting requests stay queued."""
+        self._in_flight = None
+        failed = list(self.scheduler.running) + self._aborted
+        self._aborted = []
+        outputs = []
+        for group in failed:
+            for seq in group.seqs:
+                if seq.token_ids and seq.token_ids[-1] == PENDING_TOKEN:
+                    seq.token_ids = [t for t in seq.token_ids if t != PENDING_TOKEN]
+            if not group.is_finished:
+                self.scheduler.finish(group, "error")
+                group.finish_reason, group.error = "error", message
+            outputs.append(RequestDelta(group.request_id, [SequenceDelta(s.index, [], group.finish_reason)
+                                                           for s in group.seqs], True, group.num_preemptions,
+                                        group.error))
+            self.groups.pop(group.request_id, None)
+        self._update_stats(0, 0.0)
+        return EngineCoreOutputs(outputs, self.stats)
+
+    def _update_stats(self, tokens: int, elapsed: float) -> None:
+        s = self.stats
+        s.num_computed_tokens += tokens
+        s.step_tokens, s.step_time = tokens, elapsed
+        running = self._count()
+        if running and self.kv_history is not None:
+            self.kv_history.append((s.kv_slots_used, s.kv_slots_allocated))
+
+    def _count(self) -> list[Sequence]:
+        """Refresh the stats' counts of sequences, requests, blocks and slots; returns the running sequences."""
+        s, running = self.stats, [seq for g in self.scheduler.running for seq in g.live()]
+        s.num_running = len(running)
+        s.num_waiting = self.scheduler.num_waiting_seqs  # kept by the scheduler: the queue can be long
+        s.num_running_requests = len(self.scheduler.running)
+        s.num_waiting_requests = len(self.scheduler.waiting)
+        s.kv_blocks_used = self.blocks.num_used
+        s.kv_blocks_unshared = sum(len(seq.block_table) for seq in running)
+        s.kv_slots_used = sum(seq.num_computed_tokens for seq in running)
+        s.kv_slots_allocated = s.kv_blocks_unshared * self.blocks.block_size
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.num_cached_tokens = self.scheduler.num_cached_tokens
+        return running
+
+
+def check_prompt(ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError unless `ids` is a prompt the model can take: non-empty token ids within the vocabulary, no
+    longer than the context."""
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if max(ids) >= vocab_size or min(ids) < 0:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if len(ids) > max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of {max_model_len} tokens")
