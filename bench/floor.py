@@ -27,8 +27,8 @@ Read bandwidth: the rate of a device-to-device copy kernel (bench_decode_attenti
 bytes read + written. A step streams bytes through the SMs, and a copy's achieved rate over all the bytes it
 moves is the fair figure for a kernel that streams bytes; a pure read stream can run ~10% faster on an H200
 (RESULTS.md: decode attention reads at 4.4-4.6 TB/s where a copy kernel runs at ~3.9-4.2), so a fraction of the
-floor a little above 1 is possible in bandwidth-bound runs. Matmul ceiling: an 8192^3 bf16 GEMM through the engine's own cuBLAS
-handle (layers/cublas.py), i.e. what the engine's GEMMs can reach at best.
+floor a little above 1 is possible in bandwidth-bound runs. Matmul ceiling: an 8192^3 bf16 GEMM through the
+engine's own cuBLAS handle (layers/cublas.py), i.e. what the engine's GEMMs can reach at best.
 """
 
 from __future__ import annotations
