@@ -1,7 +1,20 @@
-"""Load test of `cupaged serve`: N streamed completions, C at a time, over loopback, within a time limit.
+"""Load test of `cupaged serve`: N streamed completions, C at a time, over loopback, within a time limit; then
+the same requests offline, in the same run, through `cupaged.LLMEngine`, for the ratio server / offline.
 
     python -m bench.bench_serve --model CKPT --device cuda --num-requests 256 --concurrency 32 --json out.json
     python -m bench.bench_serve --url http://127.0.0.1:8000 --num-requests 64     # a server already running
+
+The issue's two workloads on the Qwen3-0.6B shape (256 requests; targets: server / offline >= 0.9 in both, and at
+concurrency 64 TTFT p50 <= 50 ms, p99 <= 300 ms, ITL p99 <= 30 ms), one command each:
+
+    python -m tools.make_checkpoint --preset qwen3-0.6b --dtype bfloat16 --out /tmp/qwen3-0.6b
+    python -m bench.bench_serve --model /tmp/qwen3-0.6b --device cuda -n 256 -c 64 \
+        --input-len 128 --output-len 128 --range-ratio 0.5 --json serve_c64.json
+    python -m bench.bench_serve --model /tmp/qwen3-0.6b --device cuda -n 256 -c 256 \
+        --input-len 562 --output-len 562 --range-ratio 0.8 --json serve_c256.json
+
+A CPU smoke run: `python -m tools.make_checkpoint --preset qwen3-tiny --out /tmp/qwen3-tiny`, then
+`python -m bench.bench_serve --model /tmp/qwen3-tiny --device cpu -n 16 -c 4 --input-len 16 --output-len 16`.
 
 With --model the bench starts the server itself (`python -m cupaged.cli serve` on a free loopback port, extra
 server options through --server-arg), waits for /health, sends one warm-up request (kernel compilation), runs
@@ -9,17 +22,26 @@ the load, and stops the server with SIGTERM. Each request is a streamed /v1/comp
 (prompt length uniform in input_len * [1 - range_ratio, 1 + range_ratio], likewise the output length, EOS
 ignored so every request generates exactly its length; random.seed(--seed)).
 
+Then, once the server has exited (it held the GPU's memory), the same requests run offline in this process
+(`--no-offline` skips it): an LLMEngine with the server's engine options (--model, --device, --dtype and the
+--server-arg ones, parsed as `cupaged serve` parses them) but at most --concurrency sequences a step, as the
+server never has more; one warm-up request, then every request at once, greedy, EOS ignored, max_tokens its
+output length, output_kind="final_only". server / offline is the ratio of their output tokens/s.
+
 Reported: requests/s and output tokens/s over the wall time of the load; TTFT (request sent to first streamed
 chunk) and ITL (time between streamed chunks; a token that completes no character adds no chunk, so its time
 counts in the next gap) as p50/p90/p99 in milliseconds; counts of completed, failed and unfinished (cut by
---time-limit) requests. A short table is printed last; --json writes every figure.
+--time-limit) requests; offline output tokens/s and server / offline. A short table is printed last; --json
+writes every figure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
+import logging
 import os
 import random
 import re
@@ -37,6 +59,7 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -152,6 +175,7 @@ def table(s: dict) -> str:
     def triple(d: dict) -> str:
         return " / ".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("p50", "p90", "p99"))
 
+    offline, ratio = s.get("offline_output_tokens_per_s"), s.get("server_over_offline")
     rows = [("requests", f"{s['completed']} completed, {s['failed']} failed, {s['unfinished']} unfinished"),
             ("concurrency", str(s["concurrency"])),
             ("wall time s", f"{s['wall_s']:.2f}"),
@@ -159,9 +183,59 @@ def table(s: dict) -> str:
             ("output tokens/s", f"{s['output_tokens_per_s']:.1f}"),
             ("TTFT ms p50/p90/p99", triple(s["ttft_ms"])),
             ("ITL ms p50/p90/p99", triple(s["itl_ms"])),
-            ("latency ms p50/p90/p99", triple(s["latency_ms"]))]
+            ("latency ms p50/p90/p99", triple(s["latency_ms"])),
+            ("offline output tokens/s", "n/a" if offline is None else f"{offline:.1f}"),
+            ("server / offline", "n/a" if ratio is None else f"{ratio:.2f}")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def offline_engine_options(model: str, device: str, dtype: str, server_args: list[str],
+                           concurrency: int) -> dict:
+    """The LLMEngine options the started server got, parsed from its command line as `cupaged serve` parses it,
+    with at most `concurrency` sequences a step (the server never has more). If that parser cannot be used (the
+    server's command line changed), model, device and dtype alone, with a warning."""
+    try:
+        from cupaged.cli import engine_kwargs
+        from cupaged.cli import main as cli
+
+        ctx = cli.commands["serve"].make_context(
+            "serve", ["--model", model, "--device", device, "--dtype", dtype, *server_args])
+        options = engine_kwargs(ctx.params)
+    except Exception as exc:  # a click error, or a cli without these names
+        logger.warning("offline run: cannot parse the server's options (%s); using --model, --device and --dtype "
+                       "alone", exc)
+        options = dict(device=None if device == "auto" else device, dtype=dtype)
+    options["max_num_seqs"] = min(options.get("max_num_seqs") or concurrency, concurrency)
+    return options
+
+
+def run_offline(model: str, requests: list[tuple[list[int], int]], options: dict) -> dict:
+    """The same requests through an in-process LLMEngine, all queued at once; output tokens/s over the time from
+    the first step to the last output (after one warm-up request)."""
+    from cupaged import LLMEngine, SamplingParams
+
+    engine = LLMEngine(model, **options)
+    engine.add_request("warmup", requests[0][0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    for i, (prompt, n) in enumerate(requests):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                                                          output_kind="final_only"))
+    generated = 0
+    t0 = time.perf_counter()
+    with click.progressbar(length=len(requests), label="offline", file=sys.stderr) as bar:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    generated += len(out.outputs[0].token_ids)
+                    bar.update(1)
+    elapsed = time.perf_counter() - t0
+    del engine
+    gc.collect()
+    return {"offline_output_tokens": generated, "offline_wall_s": elapsed,
+            "offline_output_tokens_per_s": generated / elapsed,
+            "offline_engine_options": {k: v for k, v in options.items() if v is not None}}
 
 
 def check_loopback(url: str) -> None:
@@ -229,6 +303,8 @@ class Server:
 @click.option("--model", default=None, help="Start `cupaged serve --model MODEL` for the run, and stop it after.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="--device of the server started with --model.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="--dtype of the server started with --model.")
 @click.option("--server-arg", "server_args", multiple=True,
               help="More options for the started server, e.g. --server-arg '--max-num-seqs 128' (repeatable).")
 @click.option("--served-model-name", default=None, help="Model name to send. Default: the server's first model.")
@@ -245,12 +321,14 @@ class Server:
               help="Seconds for the whole load; requests still running then are cancelled (unfinished).")
 @click.option("--startup-timeout", type=float, default=900.0, show_default=True,
               help="Seconds the started server may take to load.")
+@click.option("--no-offline", is_flag=True, help="Skip the offline run of the same requests (with --model).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
-def main(url: str, model: str | None, device: str, server_args: tuple[str, ...], served_model_name: str | None,
-         api_key: str | None, num_requests: int, concurrency: int, input_len: int, output_len: int,
-         range_ratio: float, vocab: int, seed: int, time_limit: float, startup_timeout: float,
-         json_path: str | None) -> None:
-    """Load-test a cupaged server: requests/s, output tokens/s, TTFT and ITL percentiles."""
+def main(url: str, model: str | None, device: str, dtype: str, server_args: tuple[str, ...],
+         served_model_name: str | None, api_key: str | None, num_requests: int, concurrency: int, input_len: int,
+         output_len: int, range_ratio: float, vocab: int, seed: int, time_limit: float, startup_timeout: float,
+         no_offline: bool, json_path: str | None) -> None:
+    """Load-test a cupaged server: requests/s, output tokens/s, TTFT and ITL percentiles; then the same requests
+    offline, for server / offline."""
     try:
         import aiohttp  # noqa: F401  (only checking that it is there)
     except ImportError:
@@ -258,8 +336,9 @@ def main(url: str, model: str | None, device: str, server_args: tuple[str, ...],
     if num_requests < 1 or concurrency < 1 or not 0 <= range_ratio < 1:
         raise click.BadParameter("need --num-requests >= 1, --concurrency >= 1 and 0 <= --range-ratio < 1")
     server = None
+    extra = [a for arg in server_args for a in shlex.split(arg)]
     if model:
-        server = Server(model, device, [a for arg in server_args for a in shlex.split(arg)], api_key, startup_timeout)
+        server = Server(model, device, ["--dtype", dtype, *extra], api_key, startup_timeout)
         url = server.url
     check_loopback(url)
     url = url.rstrip("/")
@@ -289,8 +368,13 @@ def main(url: str, model: str | None, device: str, server_args: tuple[str, ...],
         exit_code = server.stop() if server else None
     config = {"url": url, "model": name, "num_requests": num_requests, "concurrency": concurrency,
               "input_len": input_len, "output_len": output_len, "range_ratio": range_ratio, "seed": seed,
-              "server_args": list(server_args), "server_exit_code": exit_code}
+              "dtype": dtype, "server_args": list(server_args), "server_exit_code": exit_code}
     summary = summarize(results, unfinished, elapsed, config)
+    summary |= {"offline_output_tokens_per_s": None, "server_over_offline": None}
+    if model and not no_offline:  # the server has exited: the GPU's memory is free again
+        click.echo(f"the same {num_requests} requests offline", err=True)
+        summary |= run_offline(model, requests, offline_engine_options(model, device, dtype, extra, concurrency))
+        summary["server_over_offline"] = summary["output_tokens_per_s"] / summary["offline_output_tokens_per_s"]
     if json_path:
         Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
     if summary["first_error"]:

@@ -1,10 +1,27 @@
-"""End-to-end offline throughput on nano-vllm's workload (bench/workload.py), with transformers as the peer.
+"""End-to-end offline throughput on nano-vllm's workload (bench/workload.py), against the physical floor of the
+steps it ran (bench/floor.py), with transformers as the peer.
 
     python -m bench.bench_throughput --model CKPT [--num-requests 256] [--peers] [--json out.json]
+    python -m bench.bench_throughput --preset llama-3-8b [--json out.json]     # a shape without a checkpoint
 
-Prints output tokens/s, total tokens/s, wall time and peak KV blocks used; with --peers, also runs the same
-requests (or the first --peer-requests of them) through transformers' `generate` (static batches of 64,
-left-padded) and transformers' continuous batching (`paged|sdpa`) in the same run, and prints the ratios.
+The issue's two runs on a GPU (nano-vllm's workload, 256 requests):
+
+    python -m tools.make_checkpoint --preset qwen3-0.6b --dtype bfloat16 --out /tmp/qwen3-0.6b
+    python -m bench.bench_throughput --model /tmp/qwen3-0.6b --json throughput_qwen3_0.6b.json
+    python -m bench.bench_throughput --preset llama-3-8b --json throughput_llama_3_8b.json
+
+Prints output tokens/s, total tokens/s, wall time and peak KV blocks used, and beside output tokens/s the floor's:
+on the GPU the read bandwidth and bf16 matmul ceiling are measured first, in the same run (before the engine
+loads), the engine core records every step (`engine.core.trace`), and the floor is output tokens over the sum of
+the steps' least times; "of floor" is the floor's time over the measured time. On the CPU, or with an engine
+that keeps no trace, the floor is n/a. The host's time per step in the engine's phases comes from
+`engine.core.timings` (n/a when the engine keeps none).
+
+`--preset NAME` instead of `--model`: a tools/make_checkpoint.py preset written without weights into a temporary
+directory and loaded with `load_format="dummy"` (random weights made on the device), as bench_latency does.
+With --peers (needs --model: transformers loads real weights), also runs the same requests (or the first
+--peer-requests of them) through transformers' `generate` (static batches of 64, left-padded) and transformers'
+continuous batching (`paged|sdpa`) in the same run, and prints the ratios.
 """
 
 from __future__ import annotations
@@ -12,47 +29,79 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
 
 import click
 
+from bench.floor import measure_ceilings, workload_floor
 from bench.workload import nano_vllm_workload
 from cupaged import LLMEngine, SamplingParams
+from cupaged import device as devices
 from cupaged.checkpoint import open_checkpoint
-from cupaged.device import HostCopy
+from tools.make_checkpoint import PRESETS, make_checkpoint
+
+logger = logging.getLogger(__name__)
+
+# the phases of a step that the engine core times (engine.core.timings, accumulated seconds): scheduling,
+# launching (the model's inputs, its kernels or graph replay, the sampling kernel; the GPU runs on
+# asynchronously), processing the sampled tokens (appending, detokenizing, stop checks), of which waiting for the
+# GPU to deliver them is counted again apart. The rest of a step is outputs and statistics.
+PHASES = ("schedule", "launch", "process", "wait_for_tokens")
 
 
-@contextlib.contextmanager
-def time_phases(engine: LLMEngine) -> Iterator[dict[str, float]]:
-    """Wrap the parts of a step to add up their wall time (seconds) in the returned dict: scheduling, launching
-    (the model's inputs, its kernels or graph replay, the sampling kernel; the GPU runs on asynchronously),
-    processing the sampled tokens (appending, detokenizing, stop checks), of which waiting for the GPU to deliver
-    them is counted again apart. The rest of a step is outputs and statistics."""
-    totals = {"schedule": 0.0, "launch": 0.0, "process": 0.0, "wait_for_tokens": 0.0}
-
-    def timed(fn, key):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                totals[key] += time.perf_counter() - t0
-        return wrapper
-
-    engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
-    engine._launch = timed(engine._launch, "launch")
-    engine._process = timed(engine._process, "process")
-    result = HostCopy.result
-    HostCopy.result = timed(result, "wait_for_tokens")
-    try:
-        yield totals
-    finally:
-        HostCopy.result = result
+def core_timings(engine: LLMEngine) -> dict[str, float] | None:
+    """A copy of the engine core's accumulated phase times, or None with an engine that keeps none."""
+    timings = getattr(getattr(engine, "core", None), "timings", None)
+    return dict(timings) if timings is not None else None
 
 
-def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_options: dict) -> dict:
+def start_trace(engine: LLMEngine) -> bool:
+    """Ask the engine core to record every step from now on (engine.core.trace); False if it cannot."""
+    core = getattr(engine, "core", None)
+    if core is None or not hasattr(core, "trace"):
+        logger.warning("the engine has no core.trace: the floor is n/a")
+        return False
+    core.trace = []
+    return True
+
+
+def stop_trace(engine: LLMEngine) -> list:
+    """The steps recorded since start_trace; recording stops."""
+    trace, engine.core.trace = engine.core.trace, None
+    return trace
+
+
+def ms_per_step(before: dict[str, float] | None, after: dict[str, float] | None, steps: int,
+                elapsed: float) -> dict[str, float]:
+    """Milliseconds per step in each phase the engine core timed during the run, and in all."""
+    phases = {}
+    if before is not None and after is not None:
+        phases = {k: 1e3 * (after[k] - before.get(k, 0.0)) / steps for k in PHASES if k in after}
+    return phases | {"total": 1e3 * elapsed / steps}
+
+
+def floor_fields(engine: LLMEngine, trace: list | None, ceilings: dict | None, generated: int,
+                 elapsed: float) -> dict:
+    """The result's floor figures: floor tok/s and the fraction reached (None where n/a), the floor's time, the
+    bytes and FLOPs it counts, and the ceilings it used."""
+    fields = {"floor_tok_s": None, "fraction_of_floor": None, "floor_s": None, "floor_steps": None,
+              "floor_bytes": None, "floor_flops": None, "bytes_bound_steps": None,
+              "read_gb_s": None, "matmul_tflops": None} | (ceilings or {})
+    if trace is None:
+        return fields
+    floor = workload_floor(engine.config, trace, ceilings, engine.dtype.itemsize)
+    fields.update(floor_s=floor["floor_s"], floor_steps=floor["steps"], floor_bytes=floor["bytes"],
+                  floor_flops=floor["flops"], bytes_bound_steps=floor["bytes_bound_steps"])
+    if floor["floor_s"]:
+        fields.update(floor_tok_s=generated / floor["floor_s"], fraction_of_floor=floor["floor_s"] / elapsed)
+    return fields
+
+
+def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_options: dict,
+                ceilings: dict | None = None) -> dict:
     engine = LLMEngine(model, **engine_options)
     engine.add_request("warmup", workload[0][0][:32], SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_unfinished_requests():
@@ -60,12 +109,13 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
     for i, (prompt, n) in enumerate(workload):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, seed=i,
                                                           output_kind="final_only"))
-    peak, generated, steps, preemptions = 0, 0, 0, 0
+    peak, generated, steps = 0, 0, 0
     sync = _synchronize(engine.device)
+    tracing = start_trace(engine)
+    before = core_timings(engine)
     sync()
     t0 = time.perf_counter()
-    with click.progressbar(length=len(workload), label="cupaged", file=sys.stderr) as bar, \
-            time_phases(engine) as phases:
+    with click.progressbar(length=len(workload), label="cupaged", file=sys.stderr) as bar:
         while engine.has_unfinished_requests():
             outs = engine.step()
             steps += 1
@@ -76,21 +126,25 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
                     bar.update(1)
     sync()
     elapsed = time.perf_counter() - t0
+    after = core_timings(engine)
+    trace = stop_trace(engine) if tracing else None
+    floor = floor_fields(engine, trace, ceilings, generated, elapsed)
     prompt_tokens = sum(len(p) for p, _ in workload)
     total_blocks, preemptions = engine.stats.kv_blocks_total, engine.stats.num_preemptions
     release = engine.device == "cuda"
-    del engine
-    gc.collect()  # the phase timers made reference cycles through the engine's parts
+    del engine, trace
+    gc.collect()
     if release:  # hand the KV cache back before a peer needs the card
         import cupy
 
         cupy.get_default_memory_pool().free_all_blocks()
     result = {"engine": "cupaged", "requests": len(workload), "output_tokens": generated, "time_s": elapsed,
               "output_tokens_per_s": generated / elapsed, "total_tokens_per_s": (generated + prompt_tokens) / elapsed,
-              "peak_kv_blocks": peak, "kv_blocks_total": total_blocks, "steps": steps,
+              **floor, "peak_kv_blocks": peak, "kv_blocks_total": total_blocks, "steps": steps,
               "preemptions": preemptions, "enforce_eager": bool(engine_options.get("enforce_eager")),
               "async_scheduling": engine_options.get("async_scheduling", True),
-              "ms_per_step": {k: 1e3 * v / steps for k, v in phases.items()} | {"total": 1e3 * elapsed / steps}}
+              "load_format": engine_options.get("load_format", "auto"),
+              "ms_per_step": ms_per_step(before, after, steps, elapsed)}
     click.echo(f"cupaged: {result}", err=True)
     return result
 
@@ -165,8 +219,50 @@ def run_transformers_continuous(model: str, workload: list[tuple[list[int], int]
             "output_tokens": generated, "time_s": elapsed, "output_tokens_per_s": generated / elapsed}
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def report_lines(results: list[dict]) -> list[str]:
+    """The ceilings, and each cupaged run's floor and phases, printed above the table."""
+    first = results[0]
+    if first["read_gb_s"] is None:
+        lines = ["ceilings n/a (not on a GPU): floor n/a"]
+    else:
+        lines = [f"ceilings (measured in this run): read {first['read_gb_s']:.0f} GB/s (copy kernel, bytes read + "
+                 f"written), bf16 matmul {first['matmul_tflops']:.0f} TFLOP/s (8192^3 GEMM, cuBLAS)"]
+    for r in results:
+        if not r["engine"].startswith("cupaged"):
+            continue
+        if r["floor_steps"] is None:
+            lines.append(f"{r['engine']}: floor n/a (the engine keeps no engine.core.trace)")
+        else:
+            lines.append(f"{r['engine']}: floor over {r['floor_steps']} steps: {r['floor_bytes'] / 1e9:.1f} GB read, "
+                         f"{r['floor_flops'] / 1e12:.1f} TFLOP, {_fmt(r['bytes_bound_steps'], 'd')} steps "
+                         f"bytes-bound, {_fmt(r['floor_s'], '.2f')} s")
+        ms = r["ms_per_step"]
+        phases = ", ".join(f"{k} {ms[k]:.2f}" for k in PHASES if k in ms) or "phases n/a (no engine.core.timings)"
+        lines.append(f"{r['engine']}: ms per step over {r['steps']} steps: {phases}; total {ms['total']:.2f}")
+    return lines
+
+
+def table(results: list[dict], peers: bool) -> list[str]:
+    """The short table printed last: one row per engine, the floor's columns for cupaged's rows."""
+    base = results[-3]["output_tokens_per_s"] if peers else None
+    lines = [f"{'engine':<48} {'requests':>8} {'out tok':>8} {'time s':>8} {'out tok/s':>10} {'floor tok/s':>11} "
+             f"{'of floor':>8} {'ratio':>7}"]
+    for r in results:
+        ratio = f"{base / r['output_tokens_per_s']:.1f}x" if base and r["engine"].startswith("transformers") else ""
+        lines.append(f"{r['engine']:<48} {r['requests']:>8} {r['output_tokens']:>8} {r['time_s']:>8.2f} "
+                     f"{r['output_tokens_per_s']:>10.1f} {_fmt(r.get('floor_tok_s'), '.1f'):>11} "
+                     f"{_fmt(r.get('fraction_of_floor'), '.2f'):>8} {ratio:>7}")
+    return lines
+
+
 @click.command()
-@click.option("--model", required=True, help="Checkpoint directory (tools/make_checkpoint.py --preset qwen3-0.6b).")
+@click.option("--model", default=None, help="Checkpoint directory (tools/make_checkpoint.py --preset qwen3-0.6b).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Instead of --model: this tools/make_checkpoint.py shape with random weights (load_format=dummy).")
 @click.option("--num-requests", default=256, show_default=True)
 @click.option("--scale", default=1, show_default=True, help="Divide the workload's lengths (for the CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: automatic).")
@@ -175,33 +271,43 @@ def run_transformers_continuous(model: str, workload: list[tuple[list[int], int]
 @click.option("--max-num-batched-tokens", default=None, type=int)
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
 @click.option("--sync-scheduling", is_flag=True, help="No async scheduling: read each step's tokens before the next.")
-@click.option("--peers", is_flag=True, help="Also run transformers on the GPU (needs torch and transformers).")
+@click.option("--peers", is_flag=True, help="Also run transformers on the GPU (needs torch, transformers, --model).")
 @click.option("--peer-requests", default=None, type=int, help="Run the peers on the first N requests only.")
 @click.option("--json", "json_path", default=None)
-def main(model: str, num_requests: int, scale: int, device: str | None, dtype: str, max_num_seqs: int,
-         max_num_batched_tokens: int | None, enforce_eager: bool, sync_scheduling: bool, peers: bool,
-         peer_requests: int | None, json_path: str | None) -> None:
-    vocab = open_checkpoint(model)[0].vocab_size
-    workload = nano_vllm_workload(num_requests, scale, vocab=vocab)
+def main(model: str | None, preset: str | None, num_requests: int, scale: int, device: str | None, dtype: str,
+         max_num_seqs: int, max_num_batched_tokens: int | None, enforce_eager: bool, sync_scheduling: bool,
+         peers: bool, peer_requests: int | None, json_path: str | None) -> None:
+    """Offline throughput of cupaged on nano-vllm's workload, beside the physical floor of the steps it ran."""
+    if (model is None) == (preset is None):
+        raise click.UsageError("give either --model or --preset")
+    if peers and preset:
+        raise click.UsageError("--peers needs --model: transformers loads a checkpoint's weights, and a --preset "
+                               "has none (cupaged makes random ones on the device)")
     options = dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
                    async_scheduling=not sync_scheduling)
-    results = [run_cupaged(model, workload, options)]
-    if peers:
-        subset = workload[:peer_requests or len(workload)]
-        if len(subset) < len(workload):  # compare like with like: cupaged on the same subset too
-            results.append({**run_cupaged(model, subset, options), "engine": f"cupaged ({len(subset)} requests)"})
-        results.append(run_transformers_static(model, subset))
-        results.append(run_transformers_continuous(model, subset))
+    # the ceilings first, on an idle card: before any engine holds its memory
+    ceilings = measure_ceilings() if devices.set_device(device) == "cuda" else None
+    with contextlib.ExitStack() as stack:
+        if preset:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cupaged-bench-"))
+            model = str(make_checkpoint(f"{tmp}/{preset}", preset, dtype="bfloat16", weights=False))
+            options["load_format"] = "dummy"
+        vocab = open_checkpoint(model)[0].vocab_size
+        workload = nano_vllm_workload(num_requests, scale, vocab=vocab)
+        results = [{"model": preset or model} | run_cupaged(model, workload, options, ceilings)]
+        if peers:
+            subset = workload[:peer_requests or len(workload)]
+            if len(subset) < len(workload):  # compare like with like: cupaged on the same subset too
+                results.append({**run_cupaged(model, subset, options, ceilings),
+                                "engine": f"cupaged ({len(subset)} requests)"})
+            results.append(run_transformers_static(model, subset))
+            results.append(run_transformers_continuous(model, subset))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
-    base = results[-3 if peers else 0]["output_tokens_per_s"] if peers else None
-    click.echo(f"{'engine':<48} {'requests':>8} {'out tok':>8} {'time s':>8} {'out tok/s':>10} {'ratio':>7}")
-    for r in results:
-        ratio = f"{base / r['output_tokens_per_s']:.1f}x" if base and r["engine"].startswith("transformers") else ""
-        click.echo(f"{r['engine']:<48} {r['requests']:>8} {r['output_tokens']:>8} {r['time_s']:>8.2f} "
-                   f"{r['output_tokens_per_s']:>10.1f} {ratio:>7}")
+    for line in report_lines(results) + table(results, peers):
+        click.echo(line)
 
 
 if __name__ == "__main__":
