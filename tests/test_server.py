@@ -34,7 +34,7 @@ class ServerProcess:
     """`python -m cupaged.cli serve` on a free loopback port, up once /health answers."""
 
     def __init__(self, model: Path, log: Path, *args: str, step_delay: float = 0.0):
-        env = dict(os.environ, CUPAGED_SERVE_STEP_DELAY=str(step_delay), PYTHONPATH=str(ROOT))
+        env = dict(os.environ, CUPAGED_CORE_STEP_DELAY=str(step_delay), PYTHONPATH=str(ROOT))
         self.log_path = log
         cmd = [sys.executable, "-m", "cupaged.cli", "serve", "--model", str(model), "--device", "cpu",
                "--host", "127.0.0.1", "--port", "0", "--served-model-name", NAME, *args]
@@ -505,33 +505,39 @@ def test_sigterm_under_load_answers_or_aborts_every_request(model: Path, tmp_pat
     proc.stop()
 
 
-# -- in process: an engine that fails -----------------------------------------------------------------------------
+# -- the engine core in a process of its own -------------------------------------------------------------------
 
-def test_engine_failure_fails_requests_and_health(model: Path) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
 
-    from cupaged.server import EngineWorker, Metrics, Server
 
-    def broken_step() -> list:
-        raise RuntimeError("device lost")
+def test_core_runs_in_its_own_process_and_its_death_stops_the_server(model: Path, tmp_path: Path) -> None:
+    """The engine core is a child process of the server; when it dies, a live stream ends with an error event,
+    /health and new requests get 503, and the server exits non-zero: never a hang."""
+    proc = ServerProcess(model, tmp_path / "server.log", step_delay=0.02)
+    url = proc.url
+    core = int(re.search(r"engine core: process (\d+)", proc.output()).group(1))
+    assert core in _children(proc.proc.pid) and core != proc.proc.pid
+    with open(f"/proc/{core}/cmdline", "rb") as f:
+        assert b"python" in f.read()
 
-    async def main() -> None:
-        metrics = Metrics()
-        worker = EngineWorker(str(model), {"device": "cpu"}, metrics)
-        worker.start()
-        worker.engine.step = broken_step  # the engine thread is idle, waiting for a command
-        server = Server(worker, metrics, NAME, None, 16)
-        try:
-            async with TestClient(TestServer(server.app())) as http_client:
-                r = await http_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
-                assert r.status == 500 and "device lost" in (await r.json())["error"]["message"]
-                r = await http_client.get("/health")
-                assert r.status == 500
-                r = await http_client.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "hi"}], "stream": True})
-                assert r.status == 500 and (await r.json())["error"]["type"] == "server_error"
-        finally:
-            worker.stop()
-        assert not worker.thread.is_alive()
+    async def main() -> tuple[list[dict], int, int]:
+        async with aiohttp.ClientSession() as session:
+            response = await _open_stream(session, url, 400)
+            os.kill(core, signal.SIGKILL)
+            events = []
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    events.append(json.loads(line[6:]))
+            async with session.get(url + "/health") as r:
+                health = r.status
+            async with session.post(url + "/v1/completions", json={"prompt": "after"}) as r:
+                late = r.status
+            return events, health, late
 
-    asyncio.run(asyncio.wait_for(main(), LIMIT))
+    events, health, late = asyncio.run(asyncio.wait_for(main(), LIMIT))
+    assert "error" in events[-1] and "engine core" in events[-1]["error"]["message"], events[-1]
+    assert health == 503 and late == 503
+    assert proc.proc.wait(LIMIT) == 1, proc.output()
+    assert "Traceback" not in proc.output(), proc.output()

@@ -34,6 +34,7 @@ from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
 from cupaged.sampler import log_softmax, record_logprobs, sample_on_device
+from cupaged.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +137,7 @@ class EngineCore:
         request_id, ids, params = request.request_id, request.prompt_token_ids, request.params
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        check_prompt(ids, self.config.vocab_size, self.max_model_len)
-        longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
-        if params.num_sequences * self.blocks.blocks_for(longest) > self.blocks.num_blocks:
-            raise ValueError(f"{params.num_sequences} sequences of up to {longest} tokens need more KV blocks than "
-                             f"the cache has ({self.blocks.num_blocks} of {self.blocks.block_size} tokens)")
+        longest = check_request(ids, params, self.info())
         # it stops at `longest` tokens (a prompt that fills the context still gets one token)
         limit = max(longest, len(ids) + 1)
         group = SequenceGroup(request_id, [Sequence(request_id, ids, params, token_limit=limit)])
@@ -409,12 +406,20 @@ class EngineCore:
         return running
 
 
-def check_prompt(ids: list[int], vocab_size: int, max_model_len: int) -> None:
-    """Raise ValueError unless `ids` is a prompt the model can take: non-empty token ids within the vocabulary, no
-    longer than the context."""
+def check_request(ids: list[int], params: SamplingParams, info: CoreInfo) -> int:
+    """Raise ValueError unless the core can serve this request: a non-empty prompt of token ids within the
+    vocabulary, no longer than the context, whose sequences fit the KV cache at their longest. Returns that longest
+    length (prompt plus max_tokens, within the context). The fronts call it before sending a request; the core
+    calls it again."""
     if not ids:
         raise ValueError("the prompt is empty")
-    if max(ids) >= vocab_size or min(ids) < 0:
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-    if len(ids) > max_model_len:
-        raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of {max_model_len} tokens")
+    if max(ids) >= info.vocab_size or min(ids) < 0:
+        raise ValueError(f"prompt token ids must be in [0, {info.vocab_size})")
+    if len(ids) > info.max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of {info.max_model_len} "
+                         "tokens")
+    longest = min(len(ids) + (params.max_tokens or info.max_model_len), info.max_model_len)
+    if params.num_sequences * -(-longest // info.block_size) > info.num_kv_blocks:
+        raise ValueError(f"{params.num_sequences} sequences of up to {longest} tokens need more KV blocks than "
+                         f"the cache has ({info.num_kv_blocks} of {info.block_size} tokens)")
+    return longest

@@ -18,16 +18,19 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import msgspec
 import zmq
+import zmq.asyncio
 
 from cupaged.engine.protocol import CoreInfo, EngineCoreOutputs, EngineCoreRequest, RequestDelta, SequenceDelta
 
 logger = logging.getLogger(__name__)
 
 ADD, ABORT, SHUTDOWN = b"add", b"abort", b"shutdown"
+STEP_DELAY_VAR = "CUPAGED_CORE_STEP_DELAY"  # seconds the core sleeps after each step (tests: a slow model)
 POLL_MS = 200  # how often a waiting side looks at the other's process
 
 
@@ -54,6 +57,8 @@ def run_core(model: str, options: dict, input_addr: str, output_addr: str, ready
     decode_aborts = msgspec.msgpack.Decoder(list[tuple[str, int | None]])
     encoder = msgspec.msgpack.Encoder()
     rejected: list[RequestDelta] = []
+    # testing hook: a slow model, for tests of disconnects, queue limits and shutdown
+    step_delay = float(os.environ.get(STEP_DELAY_VAR) or 0)
     while True:
         busy = core.has_unfinished() or rejected
         # idle: wait for a message, looking up now and then whether the front still exists
@@ -81,6 +86,8 @@ def run_core(model: str, options: dict, input_addr: str, output_addr: str, ready
                 out.outputs += rejected
                 rejected = []
             outputs.send(encoder.encode(out), copy=False)
+            if step_delay:
+                time.sleep(step_delay)
 
 
 class CoreProcess:
@@ -96,8 +103,6 @@ class CoreProcess:
         self._input = self._context.socket(zmq.PUSH)
         self._input.bind(input_addr)
         if asyncio:
-            import zmq.asyncio
-
             self._async_context = zmq.asyncio.Context()
             self.output = self._async_context.socket(zmq.PULL)
         else:

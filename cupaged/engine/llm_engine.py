@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from cupaged.engine.core import EngineCore, check_prompt
+from cupaged.engine.core import EngineCore, check_request
 from cupaged.engine.core_client import CoreDied, CoreProcess
 from cupaged.engine.output_processor import CompletionOutput, Logprob, OutputProcessor, RequestOutput
 from cupaged.engine.protocol import EngineCoreOutputs, EngineCoreRequest, EngineStats
@@ -65,7 +65,7 @@ class LLMEngine:
         if self.in_process:
             self.core.add_request(request)  # checks everything, raises ValueError
         else:
-            check_prompt(ids, self.config.vocab_size, self.max_model_len)
+            check_request(ids, params, self.core.info)
             self.core.add_request(request)
         self.processor.add_request(request_id, text, ids, params, time.monotonic())
 

@@ -1,0 +1,140 @@
+"""AsyncLLM: the asyncio front of an engine core that runs in a process of its own.
+
+    llm = AsyncLLM(model, {"device": "cuda"})     # blocks until the model is loaded in the core's process
+    llm.start()                                    # inside the running event loop
+    async for out in llm.generate("r1", ids, SamplingParams(output_kind="delta")):
+        ...
+
+One task reads the core's messages (one per step, for every live request), turns them into RequestOutputs
+(OutputProcessor: detokenizing, stop strings, logprobs) and hands each to its request's queue; `generate`
+yields from that queue. A generator that is closed early (the client went away) aborts its request in the core.
+If the core's process ends, every live request gets a last output with finish reason "error", `dead` says why,
+and `on_dead` (if set) is called: the server then stops; nothing waits on a dead core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from cupaged.engine.core import check_request
+from cupaged.engine.core_client import CoreProcess
+from cupaged.engine.output_processor import OutputProcessor, RequestOutput
+from cupaged.engine.protocol import EngineCoreOutputs, EngineCoreRequest, EngineStats
+from cupaged.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    """The engine core's process is gone: no request can be served."""
+
+
+class AsyncLLM:
+    def __init__(self, model: str, engine_options: dict):
+        self.client = CoreProcess(model, engine_options, asyncio=True)
+        info = self.client.info
+        self.config, self.tokenizer = self.client.config, self.client.tokenizer
+        self.max_model_len, self.num_kv_blocks, self.block_size = (info.max_model_len, info.num_kv_blocks,
+                                                                   info.block_size)
+        self.processor = OutputProcessor(self.tokenizer)
+        self.stats = EngineStats(kv_blocks_total=info.num_kv_blocks)
+        self.dead: str | None = None
+        self.on_dead: Callable[[str], None] | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def core_pid(self) -> int | None:
+        return self.client.pid
+
+    @property
+    def num_live(self) -> int:
+        """Requests accepted and not yet finished."""
+        return len(self.processor.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted that the core does not run yet (queued there, or on their way)."""
+        return max(0, self.num_live - self.stats.num_running_requests)
+
+    def start(self) -> None:
+        """Begin reading the core's outputs and watching its process (call from the event loop)."""
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.client.process.sentinel, self._core_ended)
+        self._reader = asyncio.ensure_future(self._read_outputs())
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come; the last one has `finished` set. Raises ValueError for a request
+        that can never run, EngineDead when the core is gone."""
+        if self.dead:
+            raise EngineDead(self.dead)
+        check_request(prompt_token_ids, params, self.client.info)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.processor.add_request(request_id, prompt, prompt_token_ids, params)
+        self._queues[request_id] = queue
+        self.client.add_request(EngineCoreRequest(request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now (the client went away, the server shuts down); False if it is not live."""
+        if not self.processor.abort(request_id):
+            return False
+        if not self.dead:
+            self.client.abort(request_id)
+        return True
+
+    def abort_all(self) -> None:
+        for request_id in list(self.processor.requests):
+            self.abort(request_id)
+        self._deliver(EngineCoreOutputs([], self.stats))  # the aborted requests' last outputs
+
+    async def _read_outputs(self) -> None:
+        while True:
+            message = await self.client.output.recv(copy=False)
+            out = self.client.decoder.decode(message.buffer)
+            self.stats = out.stats
+            self._deliver(out)
+
+    def _deliver(self, core_out: EngineCoreOutputs) -> None:
+        outputs, aborts = self.processor.process(core_out)
+        if aborts and not self.dead:
+            self.client.abort_many(aborts)
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _core_ended(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.client.process.sentinel)
+        self.client.process.join(1)
+        self.dead = self.client.dead() or "the engine core process ended"
+        logger.error("%s: failing %d live request(s)", self.dead, self.num_live)
+        if self._reader is not None:
+            self._reader.cancel()
+        self.processor.fail_all(self.dead)
+        self._deliver(EngineCoreOutputs([], self.stats))
+        if self.on_dead is not None:
+            self.on_dead(self.dead)
+
+    def shutdown(self) -> None:
+        """Stop reading and stop the core's process (waits a few seconds at most)."""
+        if self._reader is not None:
+            self._reader.cancel()
+        try:
+            asyncio.get_running_loop().remove_reader(self.client.process.sentinel)
+        except RuntimeError:  # no loop running
+            pass
+        self.client.close()

@@ -1,0 +1,163 @@
+"""The OpenAI request bodies: parsing and validation into prompts, messages and SamplingParams.
+
+Every problem is an ApiError with OpenAI's error shape (message, type, param, code) and an HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from cupaged.sampling_params import SamplingParams
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_MISSING = object()
+
+
+def field(body: dict, name: str, kind: str, default: Any = None) -> Any:
+    """body[name] checked against a JSON type: int, number, bool, str, list, object; null means the default."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value),
+          "bool": isinstance(value, bool),
+          "str": isinstance(value, str),
+          "list": isinstance(value, list),
+          "object": isinstance(value, dict)}[kind]
+    if not ok:
+        article = {"int": "an integer", "number": "a number", "bool": "a boolean", "str": "a string",
+                   "list": "an array", "object": "an object"}[kind]
+        raise ApiError(400, f"'{name}' must be {article}, got {json.dumps(value)[:80]}", name, "invalid_type")
+    return float(value) if kind == "number" else value
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _unsupported(body: dict, name: str, allowed: tuple = ()) -> None:
+    value = body.get(name)
+    if value is not None and value not in allowed and value != {} and value != []:
+        raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+
+
+def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | None]:
+    """SamplingParams for an OpenAI request body, and the field that set max_tokens (None: not given)."""
+    n = field(body, "n", "int", 1)
+    if n != 1:
+        raise ApiError(400, "only n=1 is supported: send one request per completion", "n", "unsupported_parameter")
+    best_of = field(body, "best_of", "int", None)
+    if best_of not in (None, 1):
+        raise ApiError(400, "best_of is not supported", "best_of", "unsupported_parameter")
+    for name in ("logit_bias", "suffix", "tools", "functions"):
+        _unsupported(body, name)
+    _unsupported(body, "tool_choice", ("none", "auto"))
+    if field(body, "response_format", "object", {}).get("type", "text") != "text":
+        raise ApiError(400, "only the 'text' response_format is supported", "response_format",
+                       "unsupported_parameter")
+    if field(body, "echo", "bool", False):
+        raise ApiError(400, "'echo' is not supported by this server", "echo", "unsupported_parameter")
+    max_tokens_field = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    max_tokens = field(body, max_tokens_field, "int", None)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise ApiError(400, "'stop' must be a string or an array of strings", "stop", "invalid_type")
+    stop_token_ids = field(body, "stop_token_ids", "list", [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_token_ids):
+        raise ApiError(400, "'stop_token_ids' must be an array of integers", "stop_token_ids", "invalid_type")
+    if chat:
+        want_logprobs = field(body, "logprobs", "bool", False)
+        top = field(body, "top_logprobs", "int", None)
+        if top is not None and not want_logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = (top or 0) if want_logprobs else None
+    else:
+        logprobs = field(body, "logprobs", "int", None)
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise ApiError(400, f"logprobs must be in [0, 20], got {logprobs}", "top_logprobs" if chat else "logprobs")
+    kwargs = dict(
+        temperature=field(body, "temperature", "number", 1.0),
+        top_p=field(body, "top_p", "number", 1.0),
+        top_k=field(body, "top_k", "int", 0),
+        min_p=field(body, "min_p", "number", 0.0),
+        presence_penalty=field(body, "presence_penalty", "number", 0.0),
+        frequency_penalty=field(body, "frequency_penalty", "number", 0.0),
+        repetition_penalty=field(body, "repetition_penalty", "number", 1.0),
+        seed=field(body, "seed", "int", None),
+        max_tokens=max_tokens,
+        min_tokens=field(body, "min_tokens", "int", 0),
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=field(body, "ignore_eos", "bool", False),
+        include_stop_str_in_output=field(body, "include_stop_str_in_output", "bool", False),
+        skip_special_tokens=field(body, "skip_special_tokens", "bool", True),
+        logprobs=logprobs,
+    )
+    try:
+        return SamplingParams(**kwargs), max_tokens_field if max_tokens is not None else None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def chat_messages(body: dict) -> list[dict[str, str]]:
+    """OpenAI messages as {"role", "content": str} for the chat template (text content parts are joined)."""
+    messages = field(body, "messages", "list", None)
+    if not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", "messages", "invalid_type")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "messages", "invalid_type")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"messages[{i}]: only text content parts are supported", "messages")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", "messages",
+                           "invalid_type")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def completion_prompt(body: dict) -> str | list[int]:
+    prompt = body.get("prompt", _MISSING)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise ApiError(400, "batched prompts are not supported: send one prompt per request", "prompt",
+                       "unsupported_parameter")
+    if prompt is _MISSING:
+        raise ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+    raise ApiError(400, "'prompt' must be a string or an array of token ids", "prompt", "invalid_type")
