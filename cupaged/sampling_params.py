@@ -129,8 +129,9 @@ class SamplingParams:
     Construction checks every field (see the module docstring) and raises SamplingParamsError (a ValueError) naming
     the field. Types accepted: integers are int or NumPy integers, never bool or float (2.0 included); numbers are
     int or float, finite, never bool; flags are bool; `stop` is a string or a list / tuple of non-empty strings;
-    `stop_token_ids` a list, tuple or 1-D NumPy integer array of integers in [0, 2**63). After construction every field holds exactly the type
-    annotated below (int, float, bool, list[str], list[int]). Fields assigned later are not checked.
+    `stop_token_ids` a list, tuple or 1-D NumPy integer array of integers in [0, 2**63). After construction every
+    field holds exactly the type annotated below (int, float, bool, list[str], list[int]). Fields assigned later
+    are not checked.
     """
 
     n: int = 1
