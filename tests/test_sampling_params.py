@@ -187,14 +187,15 @@ def broken_together(kw: dict) -> set[str]:
 
 
 small = st.integers(-2, 40)
-valid_ints = {name: st.one_of(st.integers(lo, lo + 8), st.sampled_from([lo, hi - 1]), st.integers(lo, lo + 8).map(np.int64))
+valid_ints = {name: st.one_of(st.integers(lo, lo + 8), st.sampled_from([lo, hi - 1]),
+                              st.integers(lo, lo + 8).map(np.int64))
               for name, (lo, hi) in INT_FIELDS.items()}
 for name in OPTIONAL:
     valid_ints[name] = st.one_of(st.none(), valid_ints[name])
 bounds = {"temperature": (0, 5), "top_p": (1e-6, 1), "min_p": (0, 1), "repetition_penalty": (1e-3, 5),
           "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2), "length_penalty": (-5, 5)}
-valid_floats = {name: st.one_of(st.floats(lo, hi), st.floats(lo, hi).map(np.float32).filter(lambda v, lo=lo, hi=hi: lo <= v <= hi),
-                                st.integers(math.ceil(lo), math.floor(hi)))
+valid_floats = {name: st.one_of(st.floats(lo, hi), st.integers(math.ceil(lo), math.floor(hi)),
+                                st.floats(lo, hi).map(np.float32).filter(lambda v, lo=lo, hi=hi: lo <= v <= hi))
                 for name, (lo, hi) in bounds.items()}
 stop_text = st.text(min_size=1, max_size=5)
 VALID = {**valid_ints, **valid_floats, **{name: st.booleans() for name in BOOL_FIELDS},
@@ -207,7 +208,8 @@ scalars = st.one_of(
     small, st.integers(), st.sampled_from([-1, 0, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63, 10**400, -10**400]),
     st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, 2.0, -0.0, 1e300, 3.5e38]),
     st.booleans(), st.none(), st.text(max_size=6), st.sampled_from(["", "never", "final_only", "ten", "1", "é🙂"]),
-    small.map(np.int64), st.integers(0, 255).map(np.uint8), st.floats(width=32).map(np.float32), st.booleans().map(np.bool_),
+    small.map(np.int64), st.integers(0, 255).map(np.uint8), st.floats(width=32).map(np.float32),
+    st.booleans().map(np.bool_),
     st.binary(max_size=3), st.complex_numbers(max_magnitude=4),
 )
 JUNK = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.tuples(inner),
