@@ -111,6 +111,9 @@ def check_token_ids(name: str, ids: Any, vocab_size: int | None = None) -> list[
     return list(ids)
 
 
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
@@ -122,9 +125,9 @@ class SamplingParams:
     and output tokens, as in vLLM and transformers; presence_penalty and frequency_penalty (OpenAI's, -2..2) to
     output tokens. `seed` makes the request's samples reproducible whatever else is in the batch. `logprobs` = n
     returns the chosen token's log-probability and the n most likely tokens' at each step (0 for the chosen one
-    alone). `output_kind` "cumulative" returns an output every step the request advances (for streaming);
-    "final_only" returns one, when it finishes (as `LLM.generate` asks, which saves the engine building outputs no
-    one reads).
+    alone). `output_kind` "cumulative" returns an output with everything so far every step the request advances;
+    "delta" returns only what is new each time (text and token ids: what a server streams); "final_only" returns
+    one, when it finishes (as `LLM.generate` asks, which saves decoding text no one reads before the end).
 
     Construction checks every field (see the module docstring) and raises SamplingParamsError (a ValueError) naming
     the field. Types accepted: integers are int or NumPy integers, never bool or float (2.0 included); numbers are
@@ -191,9 +194,9 @@ class SamplingParams:
             elif not isinstance(es, str) or es != "never":
                 raise SamplingParamsError("early_stopping",
                                           f"early_stopping must be True, False or 'never', got {_show(es)}")
-        if not isinstance(self.output_kind, str) or self.output_kind not in ("cumulative", "final_only"):
-            raise SamplingParamsError("output_kind", f"output_kind must be 'cumulative' or 'final_only', got "
-                                                     f"{_show(self.output_kind)}")
+        if not isinstance(self.output_kind, str) or self.output_kind not in OUTPUT_KINDS:
+            raise SamplingParamsError("output_kind", f"output_kind must be 'cumulative', 'delta' or 'final_only', "
+                                                     f"got {_show(self.output_kind)}")
         if self.top_k == -1:
             self.top_k = 0
         self._check_together()

@@ -65,10 +65,11 @@ class AsyncLLM:
         loop.add_reader(self.client.process.sentinel, self._core_ended)
         self._reader = asyncio.ensure_future(self._read_outputs())
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as they come; the last one has `finished` set. Raises ValueError for a request
-        that can never run, EngineDead when the core is gone."""
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request; returns its outputs as they come (the last one has `finished` set). Raises ValueError
+        now for a request that can never run, EngineDead when the core is gone. Closing the iterator before the
+        end aborts the request."""
         if self.dead:
             raise EngineDead(self.dead)
         check_request(prompt_token_ids, params, self.client.info)
@@ -76,6 +77,9 @@ class AsyncLLM:
         self.processor.add_request(request_id, prompt, prompt_token_ids, params)
         self._queues[request_id] = queue
         self.client.add_request(EngineCoreRequest(request_id, prompt_token_ids, params))
+        return self._outputs(request_id, queue)
+
+    async def _outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:

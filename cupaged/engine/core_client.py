@@ -71,12 +71,9 @@ def run_core(model: str, options: dict, input_addr: str, output_addr: str, ready
             if kind == SHUTDOWN:
                 return
             if kind == ADD:
-                request = decode_request.decode(payload[0].buffer)
-                try:
-                    core.add_request(request)
-                except ValueError as exc:  # the front checks first; this one lost a race (or a check differs)
-                    rejected.append(RequestDelta(request.request_id, [SequenceDelta(0, [], "error")], True,
-                                                 error=str(exc)))
+                rejection = _add(core, decode_request, payload[0].buffer)
+                if rejection is not None:
+                    rejected.append(rejection)
             elif kind == ABORT:
                 for request_id, index in decode_aborts.decode(payload[0].buffer):
                     core.abort(request_id, index)
@@ -88,6 +85,22 @@ def run_core(model: str, options: dict, input_addr: str, output_addr: str, ready
             outputs.send(encoder.encode(out), copy=False)
             if step_delay:
                 time.sleep(step_delay)
+
+
+def _add(core: Any, decoder: msgspec.msgpack.Decoder, message: memoryview) -> RequestDelta | None:
+    """Queue one request; what to report instead if it cannot be (the front checks first: this one lost a race, or
+    a check differs), never an exception that would end the core."""
+    try:
+        request = decoder.decode(message)
+        core.add_request(request)
+        return None
+    except (msgspec.ValidationError, ValueError) as exc:
+        try:
+            request_id = msgspec.msgpack.decode(message)[0]
+        except Exception:  # noqa: BLE001 - not even a request id: nobody to tell
+            logger.error("dropped an unreadable request: %s", exc)
+            return None
+        return RequestDelta(str(request_id), [SequenceDelta(0, [], "error")], True, error=str(exc))
 
 
 class CoreProcess:
