@@ -136,6 +136,10 @@ class CoreProcess:
                 if not self.process.is_alive():
                     raise CoreDied(f"the engine core exited while loading (exit code {self.process.exitcode})")
             message = reader.recv()
+        except EOFError:  # it ended between its last word and ours
+            self.process.join(POLL_MS / 1000)
+            self.close()
+            raise CoreDied(f"the engine core exited while loading (exit code {self.process.exitcode})") from None
         except BaseException:
             self.close()
             raise
