@@ -129,7 +129,7 @@ class EngineCore:
 
     def info(self) -> CoreInfo:
         return CoreInfo(self.max_model_len, self.blocks.num_blocks, self.blocks.block_size, self.config.vocab_size,
-                        self.device)
+                        self.device, self.dtype.name)
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:

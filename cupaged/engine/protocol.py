@@ -80,3 +80,4 @@ class CoreInfo(msgspec.Struct, gc=False):
     block_size: int
     vocab_size: int
     device: str
+    dtype: str                        # of the weights and the KV cache
