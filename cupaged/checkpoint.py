@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +20,8 @@ from typing import Any, Callable
 import numpy as np
 
 from cupaged.config import ModelConfig
-from cupaged.device import resolve_dtype
+from cupaged.device import array_module, resolve_dtype, to_numpy
+from cupaged.progress import progress
 from cupaged.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -103,12 +105,14 @@ class BF16Bits(np.ndarray):
 
 
 def to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Convert a host tensor (bf16 bits included) to `dtype`."""
+    """Convert a host tensor (bf16 bits included) to `dtype`. A value out of the dtype's range becomes Inf
+    silently here: FiniteCheck reports it, by tensor, when the model loads."""
     if isinstance(arr, BF16Bits):
         if dtype.name == "bfloat16":
             return np.asarray(arr).view(dtype)
         arr = (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(arr).astype(dtype, copy=False)
+    with np.errstate(over="ignore"):
+        return np.asarray(arr).astype(dtype, copy=False)
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -138,19 +142,42 @@ def load_tensors(path: Path, expected: dict[str, tuple[int, ...]], dtype: str) -
     """
     target = resolve_dtype(dtype)
     found: dict[str, tuple[np.ndarray, Path]] = {}
-    for file in safetensors_files(path):
+    files = safetensors_files(path)
+    for file in files:
         for name, arr in read_safetensors(file).items():
             found[name] = (arr, file)
+    _check_ignored(found, expected, path)
     out = {}
-    for name, shape in expected.items():
-        if name not in found:
-            raise CheckpointError(f"{path}: tensor {name} is missing from "
-                                  f"{', '.join(f.name for f in safetensors_files(path))}")
-        arr, file = found[name]
-        if tuple(arr.shape) != tuple(shape):
-            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(arr.shape)}, the config implies {shape}")
-        out[name] = to_dtype(arr, target)
+    label = f"reading {files[0].name}" if len(files) == 1 else f"reading {len(files)} safetensors files"
+    with progress(label, len(expected)) as bar:
+        for name, shape in expected.items():
+            if name not in found:
+                raise CheckpointError(f"{path}: tensor {name} is missing from {', '.join(f.name for f in files)}")
+            arr, file = found[name]
+            if tuple(arr.shape) != tuple(shape):
+                raise CheckpointError(f"{file}: tensor {name} has shape {tuple(arr.shape)}, the config implies "
+                                      f"{shape}")
+            out[name] = to_dtype(arr, target)
+            bar.update()
     return out
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _check_ignored(names: Any, expected: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Refuse a checkpoint with weights that the model would leave out although they change its math: a bias
+    anywhere (o_proj's, the MLP's, the LM head's) or anything else inside a layer the model runs (an extra norm).
+    They belong to an architecture variant the config did not announce. Rotary caches, layers past the model's
+    (e.g. multi-token-prediction heads) and an lm_head next to tied embeddings are left out harmlessly."""
+    layers = {m.group(0) for m in map(_LAYER.match, expected) if m}
+    ignored = [n for n in names if n not in expected and "rotary_emb" not in n
+               and (n.endswith(".bias") or ((m := _LAYER.match(n)) is not None and m.group(0) in layers))]
+    if ignored:
+        more = f" and {len(ignored) - 6} more" if len(ignored) > 6 else ""
+        raise CheckpointError(f"{path}: tensors {', '.join(sorted(ignored)[:6])}{more} are not part of the "
+                              "Llama-family model the config describes, and leaving them out would change its "
+                              "output: an architecture variant cupaged does not implement")
 
 
 def open_checkpoint(name: str | Path) -> tuple[ModelConfig, Tokenizer, TensorSource]:
@@ -193,6 +220,7 @@ def _select(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]
             path: Path) -> dict[str, np.ndarray]:
     """The expected tensors of an in-memory checkpoint, checked and converted like load_tensors does."""
     target = resolve_dtype(dtype)
+    _check_ignored(tensors, expected, path)
     out = {}
     for name, shape in expected.items():
         if name not in tensors:
@@ -202,3 +230,64 @@ def _select(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]
                                   f"the config implies {shape}")
         out[name] = to_dtype(tensors[name], target)
     return out
+
+
+class FiniteCheck:
+    """Weights checked for NaN and Inf as they load, so that a corrupt or badly converted checkpoint is refused
+    by name instead of generating garbage (NaN logits sample token 0 forever).
+
+    `add(name, array)` costs one reduction per tensor (in chunks of CHUNK elements, which bounds the temporary
+    memory), on the array's own device; on the GPU the per-tensor flags stay there and `raise_if_any` reads
+    them all at once: one host sync for the whole model, not one per tensor. bfloat16 is checked on its bits
+    (exponent all ones), so neither NumPy nor CuPy needs a bfloat16 isfinite.
+    """
+
+    CHUNK = 1 << 24
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._flags: list[Any] = []  # one 0-d bool array per tensor, on the tensor's device
+        self._dtypes: set[str] = set()
+
+    def add(self, name: str, a: Any) -> None:
+        """Queue tensor `a` (NumPy or CuPy) for the check."""
+        if (a.dtype.kind != "f" and a.dtype.name != "bfloat16") or a.size == 0:
+            return
+        xp = array_module(a)
+        flat = a.reshape(-1)
+        if a.dtype.name == "bfloat16":
+            bits = flat.view(xp.uint16)
+            chunks = [((bits[i:i + self.CHUNK] & 0x7F80) == 0x7F80).any() for i in range(0, bits.size, self.CHUNK)]
+        else:
+            chunks = [xp.logical_not(xp.isfinite(flat[i:i + self.CHUNK]).all())
+                      for i in range(0, flat.size, self.CHUNK)]
+        flag = chunks[0]
+        for c in chunks[1:]:
+            flag = flag | c
+        self._names.append(name)
+        self._flags.append(flag)
+        self._dtypes.add(a.dtype.name)
+
+    def bad(self) -> list[str]:
+        """Names of the tensors added so far that hold a NaN or an Inf (reads the flags: one sync per device)."""
+        if not self._flags:
+            return []
+        found = np.zeros(len(self._flags), dtype=bool)
+        by_module: dict[Any, list[int]] = {}
+        for i, flag in enumerate(self._flags):
+            by_module.setdefault(array_module(flag), []).append(i)
+        for xp, rows in by_module.items():
+            found[rows] = to_numpy(xp.stack([xp.asarray(self._flags[i]) for i in rows]))
+        return [n for n, b in zip(self._names, found) if b]
+
+    def raise_if_any(self) -> None:
+        """CheckpointError naming the tensors that hold NaN or Inf, if any."""
+        bad = self.bad()
+        if not bad:
+            return
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        hint = (" (float16 overflows to Inf past 65504: a checkpoint with larger weights needs --dtype bfloat16 or "
+                "float32)" if "float16" in self._dtypes else "")
+        raise CheckpointError(f"{len(bad)} weight tensor{'s' if len(bad) > 1 else ''} hold NaN or Inf values: "
+                              f"{', '.join(bad[:8])}{more}; the checkpoint is corrupt or was converted wrongly"
+                              f"{hint}")

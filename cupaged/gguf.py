@@ -126,18 +126,24 @@ def load_gguf(path: str | Path) -> GGUFCheckpoint:
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
     gguf = _import_gguf()
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, struct errors, IndexError... on corrupt files
-        raise GGUFError(f"{path}: cannot be read as GGUF ({type(exc).__name__}: {exc})") from None
-    metadata = {key: _field_value(f) for key, f in reader.fields.items()}
-    arch = metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise GGUFError(f"{path}: unsupported architecture {arch!r} (general.architecture); cupaged reads GGUF "
-                        f"files of {', '.join(ARCHITECTURES)}")
-    tensor_info = {t.name: t for t in reader.tensors}
-    config = _config(metadata, tensor_info, path, gguf)
-    tokenizer, tokenizer_config = _tokenizer(metadata, path)  # before the (slow) tensors: fail fast
+    from cupaged.progress import progress
+
+    # two steps of seconds each on a large vocabulary (the reader parses every token and merge), then the tensors
+    with progress(f"reading {path.name} (metadata, tokenizer)", 2) as bar:
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as exc:  # the reader raises ValueError, struct errors, IndexError... on corrupt files
+            raise GGUFError(f"{path}: cannot be read as GGUF ({type(exc).__name__}: {exc})") from None
+        metadata = {key: _field_value(f) for key, f in reader.fields.items()}
+        bar.update()
+        arch = metadata.get("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise GGUFError(f"{path}: unsupported architecture {arch!r} (general.architecture); cupaged reads GGUF "
+                            f"files of {', '.join(ARCHITECTURES)}")
+        tensor_info = {t.name: t for t in reader.tensors}
+        config = _config(metadata, tensor_info, path, gguf)
+        tokenizer, tokenizer_config = _tokenizer(metadata, path)  # before the (slow) tensors: fail fast
+        bar.update()
     tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if tok_vocab > config["vocab_size"]:
         raise GGUFError(f"{path}: the tokenizer has {tok_vocab} tokens, the embedding only {config['vocab_size']}")
@@ -231,8 +237,7 @@ def _config(md: dict[str, Any], tensor_info: dict[str, Any], path: Path, gguf: A
     if config["vocab_size"] != embd_rows:
         raise GGUFError(f"{path}: {arch}.vocab_size is {config['vocab_size']} but token_embd.weight has "
                         f"{embd_rows} rows")
-    if arch == "llama" and any(f"blk.0.{n}.bias" in tensor_info for n in ("attn_q", "attn_k", "attn_v")):
-        config["attention_bias"] = True
+    _biases(config, arch, tensor_info, path)
     if any(name.startswith("blk.0.ffn_gate_exps") or name.startswith("blk.0.ffn_gate_inp")
            for name in tensor_info):
         raise GGUFError(f"{path}: a mixture-of-experts model ({arch} with expert tensors); not supported")
@@ -244,6 +249,30 @@ def _config(md: dict[str, Any], tensor_info: dict[str, Any], path: Path, gguf: A
         if f"tokenizer.ggml.{name}" in md:
             config[hf] = int(md[f"tokenizer.ggml.{name}"])
     return config
+
+
+def _biases(config: dict[str, Any], arch: str, tensor_info: dict[str, Any], path: Path) -> None:
+    """Say in the config which projections have biases, so that none is loaded and then ignored.
+
+    Qwen2 has q/k/v biases by architecture. On llama and qwen3 a Hugging Face config can only say
+    attention_bias (q, k, v and o_proj biases): a file with q/k/v biases and no o_proj bias gets
+    config.QKV_BIAS_ONLY_KEY, which ModelConfig reads as the q/k/v biases it implements. Biases that no
+    config of the architecture has (o_proj on qwen2, the MLP's) become the config fields that say so, and
+    ModelConfig refuses them by name."""
+    from cupaged.config import QKV_BIAS_ONLY_KEY
+
+    def has(name: str) -> bool:
+        return f"blk.0.{name}.bias" in tensor_info
+
+    if arch in ("llama", "qwen3") and any(has(n) for n in ("attn_q", "attn_k", "attn_v")):
+        config["attention_bias"] = True
+        if not has("attn_output"):
+            config[QKV_BIAS_ONLY_KEY] = True
+    elif has("attn_output"):
+        raise GGUFError(f"{path}: blk.0.attn_output.bias: a bias on the attention output projection is not "
+                        f"supported for {arch}")
+    if any(has(n) for n in ("ffn_gate", "ffn_up", "ffn_down")):
+        config["mlp_bias"] = True
 
 
 def _rope_scaling(md: dict[str, Any], arch: str, tensor_info: dict[str, Any], theta: float, head_dim: int,
@@ -339,19 +368,24 @@ def dequantize_tensor(t: Any, path: Path | str = "?") -> np.ndarray:
 
 
 def _tensors(reader: Any, config: dict[str, Any], arch: str, path: Path) -> dict[str, np.ndarray]:
+    from cupaged.progress import progress
+
     out: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        if t.name in _CONFIG_TENSORS:
-            continue
-        name = hf_tensor_name(t.name)
-        if name is None:
-            raise GGUFError(f"{path}: tensor {t.name} has no Hugging Face counterpart that cupaged knows "
-                            f"(an unsupported variant of {arch}?)")
-        w = dequantize_tensor(t, path)
-        if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
-            heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
-            w = unpermute_qk(w, heads)
-        out[name] = w
+    with progress(f"dequantizing {path.name}", len(reader.tensors)) as bar:
+        for t in reader.tensors:
+            if t.name in _CONFIG_TENSORS:
+                bar.update()
+                continue
+            name = hf_tensor_name(t.name)
+            if name is None:
+                raise GGUFError(f"{path}: tensor {t.name} has no Hugging Face counterpart that cupaged knows "
+                                f"(an unsupported variant of {arch}?)")
+            w = dequantize_tensor(t, path)
+            if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+                heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
+                w = unpermute_qk(w, heads)
+            out[name] = w
+            bar.update()
     return out
 
 

@@ -114,8 +114,29 @@ def _module(filename: str, names: tuple[str, ...], options: tuple[str, ...], arc
     try:
         return cupy.RawModule(code=source, options=opts, name_expressions=list(names))
     except cupy.cuda.compiler.CompileException as exc:
-        raise KernelCompileError(f"{path}: compiling {', '.join(names)} with {' '.join(opts)} failed:\n"
-                                 f"{exc.get_message() if hasattr(exc, 'get_message') else exc}") from None
+        log = exc.get_message() if hasattr(exc, "get_message") else str(exc)
+        raise KernelCompileError(f"{path}: compiling {', '.join(names)} with {' '.join(opts)} failed:\n{log}"
+                                 f"{_missing_headers_hint(log)}") from None
+    except Exception as exc:  # NVRTC itself cannot be loaded: say which library and how to get it
+        from cupaged.device import missing_library, missing_library_message
+
+        library = missing_library(exc)
+        if library is None:
+            raise
+        raise KernelCompileError(f"compiling {path.name}: {missing_library_message(f'NVRTC ({library})')} "
+                                 f"({type(exc).__name__}: {exc})") from None
+
+
+def _missing_headers_hint(log: str) -> str:
+    """What to do when NVRTC's log says the CUDA headers our kernels include were not found ("" otherwise)."""
+    if not re.search(r"cannot open source file \"?cuda_(fp16|bf16)\.h", log):
+        return ""
+    from cupaged.device import install_hint
+
+    looked = ", ".join(opt[2:] for opt in include_options()) or "no CUDA include directory was found"
+    return (f"\nThe CUDA headers (cuda_fp16.h, cuda_bf16.h) are missing (looked in: {looked}): {install_hint()} "
+            "(CuPy's [ctk] extra brings them with the nvidia-cuda-runtime wheel), or set CUDA_PATH to a CUDA "
+            "toolkit")
 
 
 def module(filename: str, names: tuple[str, ...], options: tuple[str, ...] = ()):

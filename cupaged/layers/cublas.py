@@ -17,7 +17,7 @@ from typing import Any
 import cupy
 import numpy as np
 
-from cupaged.device import lasting_empty
+from cupaged.device import cupy_cuda_major, lasting_empty, missing_library_message
 
 Array = Any
 
@@ -41,7 +41,8 @@ def _load_library() -> ctypes.CDLL:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    raise RuntimeError("cuBLAS not found: install the CUDA toolkit or cupy's [ctk] extra (see README.md)")
+    major = cupy_cuda_major()  # the CUDA of the installed CuPy wheel: the cuBLAS it needs
+    raise RuntimeError(missing_library_message(f"cuBLAS (libcublas.so.{major or '*'})"))
 
 
 class Cublas:

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from cupaged.checkpoint import FiniteCheck
 from cupaged.config import ModelConfig, rope_cos_sin
 from cupaged.kv_cache import AttentionMetadata, KVCache
+from cupaged.progress import progress
 
 Array = Any
 
@@ -50,11 +52,16 @@ def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class Layer:
-    """One decoder layer's weights, moved to the device, then fused and transposed there for `x @ w`."""
+    """One decoder layer's weights, moved to the device, then fused and transposed there for `x @ w`.
 
-    def __init__(self, t: dict[str, Array], prefix: str, xp: ModuleType):
+    Each tensor is added to `check` (NaN/Inf) as it reaches the device, before fusing loses its name."""
+
+    def __init__(self, t: dict[str, Array], prefix: str, xp: ModuleType, check: FiniteCheck | None = None):
         def get(name: str) -> Array:
-            return xp.asarray(t[prefix + name])
+            a = xp.asarray(t[prefix + name])
+            if check is not None:
+                check.add(prefix + name, a)
+            return a
 
         def fused_t(*names: str) -> Array:  # [in, sum of outs], contiguous
             return xp.ascontiguousarray(xp.concatenate([get(n) for n in names]).T)
@@ -79,13 +86,27 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, tensors: dict[str, Array], ops: ModuleType, xp: ModuleType,
                  max_positions: int | None = None):
-        """`tensors`: expected_weights' names to NumPy (host) or device arrays."""
+        """`tensors`: expected_weights' names to NumPy (host) or device arrays. Every weight is checked for NaN
+        and Inf on its way (checkpoint.FiniteCheck: CheckpointError naming the tensors)."""
         self.config, self.ops, self.xp = config, ops, xp
-        self.embed = xp.asarray(tensors["model.embed_tokens.weight"])
-        self.final_norm = xp.asarray(tensors["model.norm.weight"])
-        head = self.embed if config.tie_word_embeddings else xp.asarray(tensors["lm_head.weight"])
+        check = FiniteCheck()
+
+        def get(name: str) -> Array:
+            a = xp.asarray(tensors[name])
+            check.add(name, a)
+            return a
+
+        self.embed = get("model.embed_tokens.weight")
+        self.final_norm = get("model.norm.weight")
+        head = self.embed if config.tie_word_embeddings else get("lm_head.weight")
         self.lm_head = xp.ascontiguousarray(head.T)
-        self.layers = [Layer(tensors, f"model.layers.{i}.", xp) for i in range(config.num_layers)]
+        where = "uploading layers to the GPU" if xp.__name__ == "cupy" else "preparing layers"
+        self.layers = []
+        with progress(where, config.num_layers) as bar:
+            for i in range(config.num_layers):
+                self.layers.append(Layer(tensors, f"model.layers.{i}.", xp, check))
+                bar.update()
+        check.raise_if_any()
         self.cos_sin = xp.asarray(rope_cos_sin(config, max_positions or config.max_position_embeddings))
         self.scale = config.head_dim ** -0.5
 
