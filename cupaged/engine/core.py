@@ -24,6 +24,7 @@ import numpy as np
 
 from cupaged import device as devices
 from cupaged.checkpoint import dummy_weights, open_checkpoint
+from cupaged.config import check_runnable, resolve_max_model_len
 from cupaged.device import HostCopy
 from cupaged.engine.beam_search import beam_step
 from cupaged.engine.block_manager import BlockManager
@@ -88,17 +89,22 @@ class EngineCore:
         self.dtype = devices.resolve_dtype(dtype)
         t0 = time.perf_counter()
         self.config, self.tokenizer, read_tensors = open_checkpoint(model)
+        check_runnable(self.config, self.device, self.dtype, cuda_graphs=not enforce_eager)
+        model_len = resolve_max_model_len(self.config, max_model_len)
         if load_format == "dummy":
             tensors = dummy_weights(expected_weights(self.config), self.dtype, xp, seed)
         else:
             tensors = read_tensors(expected_weights(self.config), self.dtype.name)
-        model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
         self.runner = ModelRunner(self.config, tensors, self.dtype, self.device, xp, block_size,
                                   max_num_batched_tokens, model_len, max_num_seqs)
         del tensors
         num_blocks = num_kv_blocks or self.runner.profile_num_blocks(gpu_memory_utilization, cpu_kv_cache_bytes)
         if num_blocks * block_size < model_len:
+            if max_model_len is not None:
+                raise ValueError(f"max_model_len={max_model_len} does not fit the KV cache, which holds "
+                                 f"{num_blocks * block_size} tokens: lower max_model_len or give the cache more "
+                                 "memory (gpu_memory_utilization, cpu_kv_cache_bytes, num_kv_blocks)")
             logger.warning("the KV cache holds %d tokens, fewer than the model's context; max_model_len is now %d",
                            num_blocks * block_size, num_blocks * block_size)
             model_len = num_blocks * block_size
