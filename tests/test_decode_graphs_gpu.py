@@ -39,6 +39,7 @@ def test_graphs_give_the_same_tokens_as_eager(checkpoints) -> None:
     assert eager_llm.engine.core.runner.graphs is None
     replays = llm.engine.core.runner.graphs.replays
     assert len(replays) > 5, f"too few batch sizes replayed: {replays}"  # several padded sizes were exercised
+    assert llm.engine.core.runner.pieces.replays > 0 and eager_llm.engine.core.runner.pieces.replays == 0
     assert graphs == eager
 
 

@@ -109,8 +109,8 @@ class EngineCore:
                            num_blocks * block_size, num_blocks * block_size)
             model_len = num_blocks * block_size
         self.runner.allocate_cache(num_blocks, model_len)
-        if self.device == "cuda" and not enforce_eager:
-            self.runner.capture_decode_graphs()
+        if self.device == "cuda":
+            self.runner.prepare_graphs(capture=not enforce_eager)
         self.max_model_len = model_len
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)

@@ -56,6 +56,7 @@ class DecodeInputs:
         self.xp, self.block_size = xp, block_size
         # token id, position, slot, context length: one row each, uploaded together
         self.rows = xp.zeros((4, max_batch), dtype=xp.int32)
+        self.rows[2], self.rows[3] = -1, 1  # dummy rows until filled (capture runs on them): no write, context 1
         self.block_tables = xp.zeros((max_batch, table_width), dtype=xp.int32)
         self.query_start_loc = xp.arange(max_batch + 1, dtype=xp.int32)
 

@@ -1,6 +1,8 @@
 """Runs the model for a scheduled batch: builds the flattened inputs, calls the forward pass, returns logits.
 
-Decode-only steps are padded to fixed batch sizes and, on the GPU, replayed from CUDA graphs (decode_graphs.py).
+Decode-only steps are padded to fixed batch sizes and, on the GPU, replayed from CUDA graphs (decode_graphs.py);
+on the GPU, steps with prefills are padded to fixed token counts and replayed from piecewise graphs, attention
+aside (piecewise_graphs.py).
 It also owns the KV cache and sizes it from memory: on the GPU, `gpu_memory_utilization` of the card less
 what the weights and the peak activations of the largest batch take (measured by a dummy forward); on the CPU,
 a byte budget.
@@ -16,6 +18,7 @@ import numpy as np
 
 from cupaged.config import ModelConfig
 from cupaged.engine.decode_graphs import DecodeGraphs, DecodeInputs, graph_batch_sizes, padded_size
+from cupaged.engine.piecewise_graphs import PiecewiseSteps
 from cupaged.kv_cache import AttentionMetadata, KVCache
 from cupaged.layers import ops_for
 from cupaged.models.llama import LlamaModel
@@ -36,6 +39,7 @@ class ModelRunner:
         self.decode_sizes = graph_batch_sizes(max_num_seqs)
         self.decode_inputs = DecodeInputs(xp, max_num_seqs, -(-max_model_len // block_size), block_size)
         self.graphs: DecodeGraphs | None = None
+        self.pieces: PiecewiseSteps | None = None
 
     def bytes_per_block(self) -> int:
         return KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
@@ -77,9 +81,15 @@ class ModelRunner:
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.xp)
         self.max_model_len = max_model_len
 
-    def capture_decode_graphs(self) -> None:
-        """Capture the decode step of every padded batch size (after allocate_cache; GPU only)."""
-        self.graphs = DecodeGraphs(self.model, self.cache, self.decode_inputs, self.decode_sizes, self.max_model_len)
+    def prepare_graphs(self, capture: bool) -> None:
+        """GPU only, after allocate_cache: capture the decode step of every padded batch size, and the pieces of
+        mixed steps of every padded token count (or, without `capture`, run mixed steps on the same padded shapes
+        eagerly, so that eager and graphs give the same tokens)."""
+        if capture:
+            self.graphs = DecodeGraphs(self.model, self.cache, self.decode_inputs, self.decode_sizes,
+                                       self.max_model_len)
+        self.pieces = PiecewiseSteps(self.model, self.cache, self.max_num_batched_tokens, self.decode_sizes[-1],
+                                     self.xp, capture)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks (every layer, K and V): copy-on-write before a shared block is written."""
@@ -115,6 +125,10 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sample_idx.append(i)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, xp)
+        if self.pieces is not None and self.pieces.padded(len(input_ids)) is not None:
+            logits = self.pieces.run(np.array(input_ids, dtype=np.int32), meta, sample_rows, patches,
+                                     pending[0] if pending is not None else None)
+            return (logits, sample_idx) if sample_rows else (None, [])
         ids = xp.asarray(np.array(input_ids, dtype=np.int32))
         self._take_pending(ids, patches, pending)
         hidden = self.model.forward(ids, meta, self.cache)

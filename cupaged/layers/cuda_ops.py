@@ -517,17 +517,21 @@ def _prefill_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, met
                                            first + c - start, scale).astype(q.dtype)
 
 
-def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float) -> Array:
+def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float,
+                    out: Array | None = None) -> Array:
     """Causal attention of q [T, Hq, D] over one layer's paged cache: decode rows (one new token per sequence,
     rows num_prefill_tokens:) through the decode kernels, prefill rows through the flash prefill kernel (fp16 and
-    bf16, head_dim 64/128; other cases through the reference math)."""
+    bf16, head_dim 64/128; other cases through the reference math). Into `out` (contiguous, q's shape) if given."""
     _require_float("paged_attention q", q)
     _check_cache(k_cache, v_cache)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     _require(q.ndim == 3 and q.shape[2] == head_dim and q.shape[1] % num_kv_heads == 0,
              f"paged_attention: q {q.shape} must be [T, Hq, {head_dim}] with Hq a multiple of {num_kv_heads}")
     _require(q.dtype == k_cache.dtype, f"paged_attention: q is {_name(q)} but the cache is {_name(k_cache)}")
-    out = cupy.empty(q.shape, dtype=q.dtype)
+    if out is None:
+        out = cupy.empty(q.shape, dtype=q.dtype)
+    _require(out.shape == q.shape and out.dtype == q.dtype and out.flags.c_contiguous,
+             f"paged_attention: out must be a contiguous {q.shape} array of {_name(q)}")
     prefill_tokens, prefills = meta.num_prefill_tokens, meta.num_prefills
     num_seqs = len(meta.seq_lens_host)
     _require(int(meta.query_start_loc_host[-1]) == q.shape[0] if num_seqs else q.shape[0] == 0,

@@ -136,14 +136,16 @@ def attend(queries: Array, keys: Array, values: Array, first_position: int, scal
     return context.transpose(2, 0, 1, 3).reshape(n, num_heads, head_dim)
 
 
-def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float) -> Array:
-    """Causal grouped-query attention of q [T, Hq, D] over one layer's paged cache; returns [T, Hq, D].
+def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float,
+                    out: Array | None = None) -> Array:
+    """Causal grouped-query attention of q [T, Hq, D] over one layer's paged cache; returns [T, Hq, D] (`out` if
+    given).
 
     Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; its j-th new token sits at position
     seq_len - query_len + j and sees every cached position up to its own.
     """
     xp = array_module(q)
-    out = xp.empty_like(q)
+    out = xp.empty_like(q) if out is None else out
     qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
     for b in range(len(seq_lens)):
         start, end, seq_len = int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b])

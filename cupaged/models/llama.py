@@ -113,36 +113,51 @@ class LlamaModel:
     def forward(self, input_ids: Array, meta: AttentionMetadata, cache: KVCache) -> Array:
         """Hidden states [T, hidden] after the final norm, for tokens `input_ids` [T] described by `meta`.
 
-        Writes each token's K/V into `cache` at `meta.slot_mapping` before attending.
+        Writes each token's K/V into `cache` at `meta.slot_mapping` before attending. A layer is its attention
+        inputs (norm, q|k|v, rotary, the K/V write), attention over the paged cache, then its attention outputs
+        (o-proj, norm, MLP): the halves around attention are what the engine's piecewise CUDA graphs capture.
         """
-        c, ops = self.config, self.ops
-        eps, tokens = c.rms_norm_eps, input_ids.shape[0]
+        hidden, residual = self.embed[input_ids], None
+        for i in range(len(self.layers)):
+            q, residual = self.attention_inputs(i, hidden, residual, meta.positions, meta.slot_mapping, cache)
+            attn = self.ops.paged_attention(q, cache.k[i], cache.v[i], meta, self.scale)
+            hidden, residual = self.attention_outputs(i, attn, residual)
+        return self.final_norm_of(hidden, residual)
+
+    def attention_inputs(self, i: int, hidden: Array, residual: Array | None, positions: Array, slot_mapping: Array,
+                         cache: KVCache) -> tuple[Array, Array]:
+        """Layer i up to attention: (q [T, Hq, D], the residual stream). K and V go into the cache."""
+        c, ops, layer = self.config, self.ops, self.layers[i]
+        eps, tokens = c.rms_norm_eps, hidden.shape[0]
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        hidden = self.embed[input_ids]
-        residual = None
-        for i, layer in enumerate(self.layers):
-            if residual is None:  # the residual stream is kept in float32: bf16 rounding would accumulate in it
-                x, residual = ops.rms_norm(hidden, layer.input_norm, eps), hidden.astype(self.xp.float32)
-            else:
-                x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
-            qkv = ops.matmul(x, layer.w_qkv)
-            if layer.b_qkv is not None:
-                qkv = qkv + layer.b_qkv
-            q = qkv[:, :q_size].reshape(tokens, c.num_heads, c.head_dim)
-            k = qkv[:, q_size:q_size + kv_size].reshape(tokens, c.num_kv_heads, c.head_dim)
-            v = qkv[:, q_size + kv_size:].reshape(tokens, c.num_kv_heads, c.head_dim)
-            if layer.q_norm is not None:  # Qwen3 normalises each head before rotary
-                q = ops.rms_norm(q, layer.q_norm, eps)
-                k = ops.rms_norm(k, layer.k_norm, eps)
-            q, k = ops.apply_rotary(q, k, meta.positions, self.cos_sin)
-            ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
-            attn = ops.paged_attention(q, cache.k[i], cache.v[i], meta, self.scale)
-            hidden = ops.matmul(attn.reshape(tokens, q_size), layer.w_o)
-            x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, eps)
-            hidden = ops.matmul(ops.silu_and_mul(ops.matmul(x, layer.w_gate_up)), layer.w_down)
+        if residual is None:  # the residual stream is kept in float32: bf16 rounding would accumulate in it
+            x, residual = ops.rms_norm(hidden, layer.input_norm, eps), hidden.astype(self.xp.float32)
+        else:
+            x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
+        qkv = ops.matmul(x, layer.w_qkv)
+        if layer.b_qkv is not None:
+            qkv = qkv + layer.b_qkv
+        q = qkv[:, :q_size].reshape(tokens, c.num_heads, c.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].reshape(tokens, c.num_kv_heads, c.head_dim)
+        v = qkv[:, q_size + kv_size:].reshape(tokens, c.num_kv_heads, c.head_dim)
+        if layer.q_norm is not None:  # Qwen3 normalises each head before rotary
+            q = ops.rms_norm(q, layer.q_norm, eps)
+            k = ops.rms_norm(k, layer.k_norm, eps)
+        q, k = ops.apply_rotary(q, k, positions, self.cos_sin)
+        ops.write_kv(k, v, cache.k[i], cache.v[i], slot_mapping)
+        return q, residual
+
+    def attention_outputs(self, i: int, attn: Array, residual: Array) -> tuple[Array, Array]:
+        """Layer i after attention: (its output, the residual stream)."""
+        c, ops, layer = self.config, self.ops, self.layers[i]
+        hidden = ops.matmul(attn.reshape(attn.shape[0], c.num_heads * c.head_dim), layer.w_o)
+        x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, c.rms_norm_eps)
+        return ops.matmul(ops.silu_and_mul(ops.matmul(x, layer.w_gate_up)), layer.w_down), residual
+
+    def final_norm_of(self, hidden: Array, residual: Array | None) -> Array:
         if residual is None:
-            return ops.rms_norm(hidden, self.final_norm, eps)
-        return ops.add_rms_norm(hidden, residual, self.final_norm, eps)[0]
+            return self.ops.rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        return self.ops.add_rms_norm(hidden, residual, self.final_norm, self.config.rms_norm_eps)[0]
 
     def logits(self, hidden: Array, out: Array | None = None) -> Array:
         """float32 logits [N, vocab] for hidden states [N, hidden] (into `out` if given)."""
