@@ -18,6 +18,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import zmq
+
 from cupaged.engine.core import check_request
 from cupaged.engine.core_client import CoreProcess
 from cupaged.engine.output_processor import OutputProcessor, RequestOutput
@@ -105,11 +107,17 @@ class AsyncLLM:
         self._deliver(EngineCoreOutputs([], self.stats))  # the aborted requests' last outputs
 
     async def _read_outputs(self) -> None:
+        """Every message the core sent since the last look, processed as one: when this loop falls behind the
+        core, a request gets one output (and its client one write) for several steps instead of one per step."""
+        sock = self.client.output
         while True:
-            message = await self.client.output.recv(copy=False)
-            out = self.client.decoder.decode(message.buffer)
-            self.stats = out.stats
-            self._deliver(out)
+            messages = [await sock.recv(copy=False)]
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                messages.append(sock.recv(flags=zmq.NOBLOCK, copy=False).result())
+            outs = [self.client.decoder.decode(m.buffer) for m in messages]
+            merged = EngineCoreOutputs([d for out in outs for d in out.outputs], outs[-1].stats)
+            self.stats = merged.stats
+            self._deliver(merged)
 
     def _deliver(self, core_out: EngineCoreOutputs) -> None:
         outputs, aborts = self.processor.process(core_out)

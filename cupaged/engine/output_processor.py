@@ -143,11 +143,14 @@ class OutputProcessor:
         outputs, self._pending = self._pending, []
         aborts: list[tuple[str, int | None]] = []
         now = time.monotonic()
+        touched: dict[str, RequestState] = {}  # one output per request, however many steps `core` holds
         for delta in core.outputs:
             state = self.requests.get(delta.request_id)
-            if state is None:  # finished or aborted here already: what the core computed since is dropped
+            if state is None or state.finished:  # ended here already: what the core computed since is dropped
                 continue
             self._update(state, delta, now, aborts)
+            touched[state.request_id] = state
+        for state in touched.values():
             if state.finished:
                 del self.requests[state.request_id]
                 outputs.append(self._output(state))
