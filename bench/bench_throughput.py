@@ -36,7 +36,9 @@ import time
 
 import click
 
-from bench.floor import measure_ceilings, workload_floor
+import numpy as np
+
+from bench.floor import measure_ceilings, step_floor, workload_floor
 from bench.workload import nano_vllm_workload
 from cupaged import LLMEngine, SamplingParams
 from cupaged import device as devices
@@ -72,6 +74,24 @@ def stop_trace(engine: LLMEngine) -> list:
     """The steps recorded since start_trace; recording stops."""
     trace, engine.core.trace = engine.core.trace, None
     return trace
+
+
+def gpu_breakdown(engine: LLMEngine, trace: list, ceilings: dict) -> list[dict]:
+    """Where the time goes, by kind of step: GPU time (CUDA events around each step's work) against the floor of
+    the same steps, for steps with prefills and for decode steps by batch size. A kind whose GPU time is near its
+    floor is bound by the kernels; a run much slower than its GPU time is bound by the host."""
+    import cupy
+
+    events = engine.core.trace_events[-len(trace):]
+    gpu = np.array([cupy.cuda.get_elapsed_time(a, b) / 1e3 for a, b in events])
+    floors = np.array([step_floor(engine.config, q, s, n, engine.dtype.itemsize, ceilings) for q, s, n in trace])
+    decode = np.array([bool((q == 1).all()) for q, _, _ in trace])
+    batch = np.array([len(q) for q, _, _ in trace])
+    kinds = [("with prefills", ~decode), ("decode, batch >= 192", decode & (batch >= 192)),
+             ("decode, batch 64-191", decode & (batch >= 64) & (batch < 192)),
+             ("decode, batch 8-63", decode & (batch >= 8) & (batch < 64)), ("decode, batch < 8", decode & (batch < 8))]
+    return [{"kind": name, "steps": int(m.sum()), "gpu_s": float(gpu[m].sum()), "floor_s": float(floors[m].sum())}
+            for name, m in kinds if m.any()]
 
 
 def ms_per_step(before: dict[str, float] | None, after: dict[str, float] | None, steps: int,
@@ -129,6 +149,14 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
     after = core_timings(engine)
     trace = stop_trace(engine) if tracing else None
     floor = floor_fields(engine, trace, ceilings, generated, elapsed)
+    if trace and ceilings and engine.device == "cuda":
+        floor["gpu_breakdown"] = gpu_breakdown(engine, trace, ceilings)
+        floor["gpu_busy_s"] = sum(k["gpu_s"] for k in floor["gpu_breakdown"])
+        click.echo(f"GPU busy {floor['gpu_busy_s']:.2f} s of {elapsed:.2f} s wall; floor {floor['floor_s']:.2f} s",
+                   err=True)
+        for k in floor["gpu_breakdown"]:
+            click.echo(f"  {k['kind']:<22} {k['steps']:>5} steps  GPU {k['gpu_s']:6.2f} s  floor {k['floor_s']:6.2f} s"
+                       f"  ({k['floor_s'] / max(k['gpu_s'], 1e-9):.2f} of the GPU time)", err=True)
     prompt_tokens = sum(len(p) for p, _ in workload)
     total_blocks, preemptions = engine.stats.kv_blocks_total, engine.stats.num_preemptions
     release = engine.device == "cuda"

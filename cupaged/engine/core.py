@@ -125,7 +125,9 @@ class EngineCore:
         # processing the sampled tokens, of which waiting for the GPU to deliver them is counted again apart.
         self.timings = {"schedule": 0.0, "launch": 0.0, "process": 0.0, "wait_for_tokens": 0.0}
         # Set to a list to record each step's (query lens, context lens, rows sampled): bench/floor.py's input.
+        # On the GPU each step's work is also bracketed by two CUDA events, in trace_events.
         self.trace: list[tuple[np.ndarray, np.ndarray, int]] | None = None
+        self.trace_events: list[tuple[Any, Any]] = []
         # Set to a list to record each step's (KV slots used, slots allocated): bench/bench_kv_waste.py's input.
         self.kv_history: list[tuple[int, int]] | None = None
         logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB)",
@@ -223,6 +225,11 @@ class EngineCore:
             self.trace.append((np.array(batch.num_new_tokens, np.int32),
                                np.array([s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)],
                                         np.int32), 0))
+            if self.device == "cuda":
+                import cupy
+
+                self.trace_events.append((cupy.cuda.Event(), cupy.cuda.Event()))
+                self.trace_events[-1][0].record()
         logits, rows = self.runner.run(batch.seqs, batch.num_new_tokens, pending)
         if self.trace is not None:
             self.trace[-1] = self.trace[-1][:2] + (len(rows),)
@@ -256,6 +263,8 @@ class EngineCore:
                 launched.indices.append(len(seq.token_ids))
                 seq.token_ids.append(PENDING_TOKEN)
                 launched.rows[seq.seq_id] = row
+        if self.trace is not None and self.device == "cuda":
+            self.trace_events[-1][1].record()  # after the sampling kernel and the copy of its tokens
         return launched
 
     def _process(self, launched: _Launched, advanced: dict[str, SequenceGroup]) -> None:

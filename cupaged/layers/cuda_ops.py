@@ -178,28 +178,34 @@ def silu_and_mul(x: Array) -> Array:
 
 # ---------------------------------------------------------------------------------------------------- sampling
 class _Staging:
-    """A pinned host buffer for small per-step uploads: copied with cudaMemcpyAsync, so the host goes on while the
-    GPU still runs the forward (a copy from pageable memory would wait for it)."""
+    """Pinned host buffers for small per-step uploads, copied with cudaMemcpyAsync, so the host goes on while the
+    GPU still runs the forward (a copy from pageable memory would wait for it). A ring of SLOTS buffers: a slot is
+    written again only once its copy, SLOTS uploads ago, has run, which the host then never waits for (one upload
+    per step, and the engine runs at most one step ahead)."""
+
+    SLOTS = 4
 
     def __init__(self) -> None:
-        self.host = np.zeros(0, dtype=np.float32)
-        self.done: cupy.cuda.Event | None = None
+        self.host = [np.zeros(0, dtype=np.float32) for _ in range(self.SLOTS)]
+        self.done: list[cupy.cuda.Event | None] = [None] * self.SLOTS
+        self.next = 0
 
     def upload(self, rows: list[np.ndarray]) -> Array:
         """float32 [len(rows), n] on the device, in stream order."""
-        if self.done is not None:
-            self.done.synchronize()  # the previous upload has left the buffer
+        slot, self.next = self.next, (self.next + 1) % self.SLOTS
+        if self.done[slot] is not None:
+            self.done[slot].synchronize()  # the copy from this buffer SLOTS uploads ago has run
         count = len(rows) * len(rows[0])
-        if self.host.size < count:
-            self.host = np.frombuffer(cupy.cuda.alloc_pinned_memory(8 * count), np.float32, 2 * count)
-        staged = self.host[:count].reshape(len(rows), -1)
+        if self.host[slot].size < count:
+            self.host[slot] = np.frombuffer(cupy.cuda.alloc_pinned_memory(8 * count), np.float32, 2 * count)
+        staged = self.host[slot][:count].reshape(len(rows), -1)
         for dst, src in zip(staged, rows):
             dst[...] = src
         out = cupy.empty(staged.shape, dtype=cupy.float32)
         stream = cupy.cuda.get_current_stream()
         cupy.cuda.runtime.memcpyAsync(out.data.ptr, staged.ctypes.data, 4 * count,
                                       cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
-        self.done = stream.record()
+        self.done[slot] = stream.record()
         return out
 
 
@@ -455,7 +461,8 @@ def set_partition(plan: DecodePlan, max_seq_len: int) -> None:
     _require(math.ceil(max_seq_len / partition) <= plan.max_splits,
              f"decode plan: a context of {max_seq_len} tokens is longer than the plan was made for")
     if partition != plan.partition:
-        plan.partition_buf.set(np.array([partition], dtype=np.int32))
+        # stream-ordered: a plain set() is a synchronous cudaMemcpy, which would wait for the GPU to drain
+        plan.partition_buf.set(np.array([partition], dtype=np.int32), stream=cupy.cuda.get_current_stream())
         plan.partition = partition
 
 
