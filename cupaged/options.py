@@ -26,6 +26,10 @@ ENGINE_OPTIONS = [
     click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
                  help="Fraction of GPU memory for weights, activations and the KV cache."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of requests that set none."),
+    click.option("--num-kv-blocks", type=click.IntRange(min=1), default=None,
+                 help="KV-cache blocks to allocate, instead of sizing the cache from memory."),
+    click.option("--max-logprobs", type=click.IntRange(min=-1), default=20, show_default=True,
+                 help="The most logprobs a request may ask for (-1: no limit)."),
     click.option("--enforce-eager", is_flag=True,
                  help="Run decode steps op by op instead of replaying CUDA graphs (same output, slower)."),
     click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
@@ -60,7 +64,7 @@ def engine_kwargs(o: dict) -> dict:
                 max_model_len=o["max_model_len"], block_size=int(o["block_size"]), max_num_seqs=o["max_num_seqs"],
                 max_num_batched_tokens=o["max_num_batched_tokens"],
                 gpu_memory_utilization=o["gpu_memory_utilization"], seed=o["seed"],
-                enforce_eager=o["enforce_eager"])
+                enforce_eager=o["enforce_eager"], max_logprobs=o["max_logprobs"], num_kv_blocks=o["num_kv_blocks"])
 
 
 def model_path(o: dict) -> str:

@@ -319,13 +319,16 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "hi", "n": 2}, 400, "n", "unsupported_parameter"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n",
      "unsupported_parameter"),
-    ("completions", {"prompt": "hi", "temperature": -1}, 400, None, None),        # SamplingParams refuses
-    ("completions", {"prompt": "hi", "top_p": 0}, 400, None, None),
-    ("completions", {"prompt": "hi", "max_tokens": 0}, 400, None, None),
-    ("completions", {"prompt": [5, 100000]}, 400, None, None),                  # the engine refuses
+    ("completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", None),  # SamplingParams refuses
+    ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", None),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
+    ("completions", {"prompt": [5, 100000]}, 400, "prompt", None),                   # the engine refuses
     ("completions", {"prompt": ""}, 400, "prompt", None),
     ("completions", {"prompt": ["a", "b"]}, 400, "prompt", "unsupported_parameter"),
-    ("completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
+    ("completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),           # over max_logprobs (20)
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs", None),
+    ("completions", {"prompt": "hi", "stop_token_ids": [5000], "min_tokens": 2}, 400, "stop_token_ids", None),
     ("completions", b'{"prompt": "hi", "temperature": 1' + b"0" * 400 + b"}", 400, "temperature", "invalid_type"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
      "tools", "unsupported_parameter"),

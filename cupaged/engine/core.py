@@ -35,7 +35,7 @@ from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
 from cupaged.sampler import log_softmax, record_logprobs, sample_on_device
-from cupaged.sampling_params import SamplingParams
+from cupaged.sampling_params import SamplingParams, check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EngineCore:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, max_logprobs: int = 20):
         if block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {block_size}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -112,6 +112,7 @@ class EngineCore:
         if self.device == "cuda":
             self.runner.prepare_graphs(capture=not enforce_eager)
         self.max_model_len = model_len
+        self.max_logprobs = max_logprobs  # the most logprobs a request may ask for (vLLM's option; -1: no limit)
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
@@ -137,7 +138,7 @@ class EngineCore:
 
     def info(self) -> CoreInfo:
         return CoreInfo(self.max_model_len, self.blocks.num_blocks, self.blocks.block_size, self.config.vocab_size,
-                        self.device, self.dtype.name)
+                        self.device, self.dtype.name, self.max_logprobs)
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -423,13 +424,14 @@ class EngineCore:
 
 def check_request(ids: list[int], params: SamplingParams, info: CoreInfo) -> int:
     """Raise ValueError unless the core can serve this request: a non-empty prompt of token ids within the
-    vocabulary, no longer than the context, whose sequences fit the KV cache at their longest. Returns that longest
+    vocabulary, no longer than the context, whose sequences fit the KV cache at their longest, with sampling
+    parameters that fit the model (SamplingParams.verify_for_model). Returns that longest
     length (prompt plus max_tokens, within the context). The fronts call it before sending a request; the core
     calls it again."""
     if not ids:
         raise ValueError("the prompt is empty")
-    if max(ids) >= info.vocab_size or min(ids) < 0:
-        raise ValueError(f"prompt token ids must be in [0, {info.vocab_size})")
+    check_token_ids("prompt", ids, info.vocab_size)
+    params.verify_for_model(info.vocab_size, info.max_logprobs)
     if len(ids) > info.max_model_len:
         raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of {info.max_model_len} "
                          "tokens")

@@ -19,7 +19,7 @@ from cupaged.engine.core import EngineCore, check_request
 from cupaged.engine.core_client import CoreDied, CoreProcess
 from cupaged.engine.output_processor import CompletionOutput, Logprob, OutputProcessor, RequestOutput
 from cupaged.engine.protocol import EngineCoreOutputs, EngineCoreRequest, EngineStats
-from cupaged.sampling_params import SamplingParams
+from cupaged.sampling_params import SamplingParams, check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class LLMEngine:
         if request_id in self.processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else check_token_ids("prompt", prompt)
         request = EngineCoreRequest(request_id, ids, params)
         if self.in_process:
             self.core.add_request(request)  # checks everything, raises ValueError

@@ -81,3 +81,4 @@ class CoreInfo(msgspec.Struct, gc=False):
     vocab_size: int
     device: str
     dtype: str                        # of the weights and the KV cache
+    max_logprobs: int = 20            # the most logprobs a request may ask for (-1: no limit)

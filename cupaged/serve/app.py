@@ -35,7 +35,7 @@ from cupaged.engine.output_processor import Logprob, RequestOutput
 from cupaged.options import ENGINE_OPTIONS, engine_kwargs, model_path, setup_logging, with_options
 from cupaged.sampling_params import SamplingParams
 from cupaged.serve.metrics import Metrics
-from cupaged.serve.protocol import ApiError, chat_messages, completion_prompt, field, sampling_params_from
+from cupaged.serve.protocol import ApiError, chat_messages, completion_prompt, field, param_of, sampling_params_from
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,8 @@ class Server:
         try:
             outputs = self.engine.generate(live.request_id, ids, params)
         except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
+            raise ApiError(400, str(exc), param_of(exc, chat)) from None
+        self.metrics.accepted += 1
         self.active.add(live)
         self.idle.clear()
         try:
@@ -332,7 +333,6 @@ class Server:
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        await response.prepare(request)
         offset = 0
         base = {"id": live.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
@@ -347,6 +347,7 @@ class Server:
         head, tail = sse(dict(base, choices=[dict(plain, logprobs=None, finish_reason=None)])).split(marker.encode())
 
         try:
+            await response.prepare(request)  # a client gone already fails here, as in any write below
             if chat:
                 role = {"role": "assistant", "content": ""}
                 await response.write(sse(dict(base, choices=[{"index": 0, "delta": role, "logprobs": None,

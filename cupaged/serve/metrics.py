@@ -46,6 +46,7 @@ class Metrics:
         self.generation_tokens = 0
         self.prompt_tokens = 0
         self.aborted = 0
+        self.accepted = 0
         self.finished: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step that produced tokens
@@ -109,6 +110,7 @@ class Metrics:
         lines += self.ttft.render("cupaged_time_to_first_token_seconds",
                                   "Time from a request's arrival to its first token.")
         lines += self.itl.render("cupaged_inter_token_latency_seconds", "Time between a request's tokens.")
+        metric("cupaged_requests_accepted_total", "counter", "Requests accepted by the engine.", self.accepted)
         metric("cupaged_requests_finished_total", "counter", "Requests finished, by finish reason.",
                dict(self.finished) or {"stop": 0}, "finish_reason")
         metric("cupaged_requests_aborted_total", "counter",

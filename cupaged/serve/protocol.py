@@ -94,8 +94,6 @@ def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | 
         logprobs = (top or 0) if want_logprobs else None
     else:
         logprobs = field(body, "logprobs", "int", None)
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise ApiError(400, f"logprobs must be in [0, 20], got {logprobs}", "top_logprobs" if chat else "logprobs")
     kwargs = dict(
         temperature=field(body, "temperature", "number", 1.0),
         top_p=field(body, "top_p", "number", 1.0),
@@ -117,7 +115,15 @@ def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | 
     try:
         return SamplingParams(**kwargs), max_tokens_field if max_tokens is not None else None
     except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+        raise ApiError(400, str(exc), param_of(exc, chat)) from None
+
+
+def param_of(exc: ValueError, chat: bool) -> str | None:
+    """The request field a SamplingParams error is about (OpenAI's `param`), named as the client sent it."""
+    name = getattr(exc, "field", None)
+    if name == "max_tokens" and chat:
+        return "max_completion_tokens"
+    return {"logprobs": "top_logprobs" if chat else "logprobs"}.get(name, name)
 
 
 def chat_messages(body: dict) -> list[dict[str, str]]:
