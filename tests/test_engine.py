@@ -63,8 +63,10 @@ def test_prompt_longer_than_context_is_rejected_and_others_go_on(path) -> None:
         engine.add_request("too-long", list(range(41)))
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("empty", [])
-    with pytest.raises(ValueError, match="token ids must be in"):
+    with pytest.raises(ValueError, match=r"prompt\[0\] must be a token id \(an integer in \[0, 1031\)\)"):
         engine.add_request("bad-id", [10**9])
+    with pytest.raises(ValueError, match=r"prompt\[1\] must be a token id"):
+        engine.add_request("float-id", [5, 1.7])
     outs = []
     while engine.has_unfinished_requests():
         outs += engine.step()
