@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cupaged import LLM, SamplingParams  # noqa: E402
-from tests.test_server import KEY, NAME, ServerProcess, http, metrics, wait_for  # noqa: E402
+from tests.serving import DEVICE, KEY, NAME, ServerProcess, http, metrics, wait_for  # noqa: E402
 
 VOCAB = 1031  # qwen3-tiny's
 EXAMPLES = 2000
@@ -142,7 +142,7 @@ def test_fuzzed_requests_never_get_a_server_error(fuzz_server: ServerProcess) ->
 
 @pytest.fixture(scope="module")
 def llm(model) -> LLM:
-    return LLM(str(model), device="cpu", max_model_len=64)
+    return LLM(str(model), device=DEVICE, max_model_len=64)
 
 
 valid_sampling = st.fixed_dictionaries({
