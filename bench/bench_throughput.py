@@ -90,8 +90,13 @@ def gpu_breakdown(engine: LLMEngine, trace: list, ceilings: dict) -> list[dict]:
     kinds = [("with prefills", ~decode), ("decode, batch >= 192", decode & (batch >= 192)),
              ("decode, batch 64-191", decode & (batch >= 64) & (batch < 192)),
              ("decode, batch 8-63", decode & (batch >= 8) & (batch < 64)), ("decode, batch < 8", decode & (batch < 8))]
-    return [{"kind": name, "steps": int(m.sum()), "gpu_s": float(gpu[m].sum()), "floor_s": float(floors[m].sum())}
+    rows = [{"kind": name, "steps": int(m.sum()), "gpu_s": float(gpu[m].sum()), "floor_s": float(floors[m].sum())}
             for name, m in kinds if m.any()]
+    worst = np.argsort(floors - gpu)[:5]  # the steps that lose the most time against their floor
+    rows.append({"kind": "slowest steps (step, tokens, sequences, GPU ms, floor ms)",
+                 "steps": [(int(i), int(trace[i][0].sum()), len(trace[i][0]), round(1e3 * gpu[i], 2),
+                            round(1e3 * floors[i], 2)) for i in worst]})
+    return rows
 
 
 def ms_per_step(before: dict[str, float] | None, after: dict[str, float] | None, steps: int,
@@ -151,10 +156,12 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
     floor = floor_fields(engine, trace, ceilings, generated, elapsed)
     if trace and ceilings and engine.device == "cuda":
         floor["gpu_breakdown"] = gpu_breakdown(engine, trace, ceilings)
-        floor["gpu_busy_s"] = sum(k["gpu_s"] for k in floor["gpu_breakdown"])
+        kinds, worst = floor["gpu_breakdown"][:-1], floor["gpu_breakdown"][-1]
+        floor["gpu_busy_s"] = sum(k["gpu_s"] for k in kinds)
         click.echo(f"GPU busy {floor['gpu_busy_s']:.2f} s of {elapsed:.2f} s wall; floor {floor['floor_s']:.2f} s",
                    err=True)
-        for k in floor["gpu_breakdown"]:
+        click.echo(f"  {worst['kind']}: {worst['steps']}", err=True)
+        for k in kinds:
             click.echo(f"  {k['kind']:<22} {k['steps']:>5} steps  GPU {k['gpu_s']:6.2f} s  floor {k['floor_s']:6.2f} s"
                        f"  ({k['floor_s'] / max(k['gpu_s'], 1e-9):.2f} of the GPU time)", err=True)
     prompt_tokens = sum(len(p) for p, _ in workload)
