@@ -27,7 +27,8 @@ class ServerProcess:
     """`python -m cupaged.cli serve` on a free loopback port, up once /health answers."""
 
     def __init__(self, model: Path, log: Path, *args: str, step_delay: float = 0.0):
-        env = dict(os.environ, CUPAGED_CORE_STEP_DELAY=str(step_delay), PYTHONPATH=str(ROOT))
+        path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+        env = dict(os.environ, CUPAGED_CORE_STEP_DELAY=str(step_delay), PYTHONPATH=path)
         self.log_path = log
         cmd = [sys.executable, "-m", "cupaged.cli", "serve", "--model", str(model), "--device", DEVICE,
                "--host", "127.0.0.1", "--port", "0", "--served-model-name", NAME, *args]
