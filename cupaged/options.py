@@ -31,7 +31,7 @@ ENGINE_OPTIONS = [
     click.option("--max-logprobs", type=click.IntRange(min=-1), default=20, show_default=True,
                  help="The most logprobs a request may ask for (-1: no limit)."),
     click.option("--enforce-eager", is_flag=True,
-                 help="Run decode steps op by op instead of replaying CUDA graphs (same output, slower)."),
+                 help="Run every step op by op instead of replaying CUDA graphs (same output, slower)."),
     click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
 ]
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
 from cupaged.checkpoint import FiniteCheck
 from cupaged.config import ModelConfig, rope_cos_sin
 from cupaged.kv_cache import AttentionMetadata, KVCache
