@@ -114,10 +114,17 @@ class AsyncLLM:
             messages = [await sock.recv(copy=False)]
             while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 messages.append(sock.recv(flags=zmq.NOBLOCK, copy=False).result())
-            outs = [self.client.decoder.decode(m.buffer) for m in messages]
-            merged = EngineCoreOutputs([d for out in outs for d in out.outputs], outs[-1].stats)
-            self.stats = merged.stats
-            self._deliver(merged)
+            try:
+                outs = [self.client.decoder.decode(m.buffer) for m in messages]
+                merged = EngineCoreOutputs([d for out in outs for d in out.outputs], outs[-1].stats)
+                self.stats = merged.stats
+                self._deliver(merged)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not leave every request waiting forever
+                logger.exception("the front failed to read the engine core's outputs")
+                for request_id in list(self.processor.requests):
+                    self.client.abort(request_id)
+                self.processor.fail_all(f"the server failed to read the engine's outputs: {type(exc).__name__}")
+                self._deliver(EngineCoreOutputs([], self.stats))
 
     def _deliver(self, core_out: EngineCoreOutputs) -> None:
         outputs, aborts = self.processor.process(core_out)

@@ -76,12 +76,10 @@ class EngineCore:
                  cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
                  async_scheduling: bool = True, max_logprobs: int = 20):
-        if block_size not in (8, 16, 32):
-            raise ValueError(f"block_size must be 8, 16 or 32, got {block_size}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
+        check_engine_options(block_size=block_size, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
+                             cpu_kv_cache_bytes=cpu_kv_cache_bytes, num_kv_blocks=num_kv_blocks, seed=seed,
+                             load_format=load_format, max_logprobs=max_logprobs)
         self.device = devices.set_device(device)
         xp = devices.xp()
         if dtype == "auto":
@@ -178,12 +176,19 @@ class EngineCore:
 
     # -- one step ---------------------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
-        """Run one batch; report the requests that advanced (with async scheduling: in the previous step)."""
+        """Run one batch; report the requests that advanced (with async scheduling: in the previous step).
+
+        A step that raises fails the requests it held (finish reason "error") and the core goes on, unless the
+        error says the device is lost (a CUDA error: the context is unusable from then on), which is raised after
+        those requests are failed: a core process then exits, and its front reports the core's death."""
         try:
             return self._step()
         except Exception as exc:  # noqa: BLE001 - fail the step's requests, keep serving the others
             logger.exception("an engine step failed")
-            return self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
+            failed = self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
+            if device_lost(exc):
+                raise DeviceLost(f"the GPU failed ({type(exc).__name__}: {exc}); the engine cannot go on") from exc
+            return failed
 
     def _step(self) -> EngineCoreOutputs:
         t0 = time.perf_counter()
@@ -420,6 +425,44 @@ class EngineCore:
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_cached_tokens = self.scheduler.num_cached_tokens
         return running
+
+
+class DeviceLost(RuntimeError):
+    """A CUDA error left the device unusable: no further step can run in this process."""
+
+
+def device_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a CUDA runtime or driver error (an illegal address, a launch failure, an ECC error...):
+    those are sticky, every later call fails too. Out-of-memory is not one of them: it fails a step, not the device."""
+    return type(exc).__name__ in ("CUDARuntimeError", "CUDADriverError") and \
+        type(exc).__module__.startswith("cupy_backends")
+
+
+def check_engine_options(*, block_size: int, max_num_seqs: int, max_num_batched_tokens: int | None,
+                         gpu_memory_utilization: float, cpu_kv_cache_bytes: int, num_kv_blocks: int | None,
+                         seed: int, load_format: str, max_logprobs: int) -> None:
+    """Refuse, naming it, an engine option that cannot work (rather than change it silently, or hang on it)."""
+    def integer(value: object, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    checks = [
+        (block_size in (8, 16, 32), f"block_size must be 8, 16 or 32, got {block_size!r}"),
+        (integer(max_num_seqs, 1), f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}"),
+        (max_num_batched_tokens is None or integer(max_num_batched_tokens, 1),
+         f"max_num_batched_tokens must be an integer >= 1, got {max_num_batched_tokens!r}"),
+        (isinstance(gpu_memory_utilization, (int, float)) and 0 < gpu_memory_utilization <= 1,
+         f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}"),
+        (integer(cpu_kv_cache_bytes, 1), f"cpu_kv_cache_bytes must be an integer >= 1, got {cpu_kv_cache_bytes!r}"),
+        (num_kv_blocks is None or integer(num_kv_blocks, 1),
+         f"num_kv_blocks must be an integer >= 1, got {num_kv_blocks!r}"),
+        (integer(seed, 0), f"seed must be an integer >= 0, got {seed!r}"),
+        (load_format in ("auto", "dummy"), f"load_format must be 'auto' or 'dummy' (random weights), got "
+                                           f"{load_format!r}"),
+        (integer(max_logprobs, -1), f"max_logprobs must be an integer >= -1 (-1: no limit), got {max_logprobs!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 def check_request(ids: list[int], params: SamplingParams, info: CoreInfo) -> int:

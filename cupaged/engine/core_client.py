@@ -40,7 +40,7 @@ class CoreDied(RuntimeError):
 
 def run_core(model: str, options: dict, input_addr: str, output_addr: str, ready: Any, parent: int) -> None:
     """The core process's main: load, say ready, then apply requests and run steps until told to stop."""
-    from cupaged.engine.core import EngineCore
+    from cupaged.engine.core import DeviceLost, EngineCore
 
     try:
         core = EngineCore(model, **options)
@@ -78,7 +78,11 @@ def run_core(model: str, options: dict, input_addr: str, output_addr: str, ready
                 for request_id, index in decode_aborts.decode(payload[0].buffer):
                     core.abort(request_id, index)
         if core.has_unfinished() or rejected:
-            out = core.step() if core.has_unfinished() else EngineCoreOutputs([], core.stats)
+            try:
+                out = core.step() if core.has_unfinished() else EngineCoreOutputs([], core.stats)
+            except DeviceLost as exc:  # the front sees the process end, and fails what is live
+                logger.error("%s", exc)
+                raise SystemExit(1) from None
             if rejected:
                 out.outputs += rejected
                 rejected = []

@@ -14,12 +14,15 @@ when the core has a process of its own.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from cupaged.engine.protocol import EngineCoreOutputs, RequestDelta, SequenceDelta
 from cupaged.sampling_params import SamplingParams
 from cupaged.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -148,15 +151,33 @@ class OutputProcessor:
             state = self.requests.get(delta.request_id)
             if state is None or state.finished:  # ended here already: what the core computed since is dropped
                 continue
-            self._update(state, delta, now, aborts)
+            try:
+                self._update(state, delta, now, aborts)
+            except Exception as exc:  # noqa: BLE001 - this request's output (its tokens, its text): end it alone
+                self._fail(state, exc, aborts)
             touched[state.request_id] = state
         for state in touched.values():
+            if not state.finished and state.params.output_kind == "final_only":
+                continue
+            try:
+                output = self._output(state)
+            except Exception as exc:  # noqa: BLE001 - likewise
+                self._fail(state, exc, aborts)
+                output = self._output(state)
             if state.finished:
                 del self.requests[state.request_id]
-                outputs.append(self._output(state))
-            elif state.params.output_kind != "final_only":
-                outputs.append(self._output(state))
+            outputs.append(output)
         return outputs, aborts
+
+    @staticmethod
+    def _fail(state: RequestState, exc: Exception, aborts: list[tuple[str, int | None]]) -> None:
+        """A request whose output could not be made ends with finish reason "error"; the core drops it too."""
+        logger.exception("request %s failed in the output processor", state.request_id)
+        state.finished, state.error = True, f"its output could not be processed: {type(exc).__name__}: {exc}"
+        for s in state.seqs.values() or [state.seq(0)]:
+            s.finish_reason = "error"
+            s.released = s.sent_chars  # nothing more of its text is shown
+        aborts[:] = [a for a in aborts if a[0] != state.request_id] + [(state.request_id, None)]
 
     # -- one request ------------------------------------------------------------------------------------------
     def _update(self, state: RequestState, delta: RequestDelta, now: float,
