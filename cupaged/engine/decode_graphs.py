@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cupaged.kv_cache import AttentionMetadata, KVCache
+from cupaged.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ class DecodeGraphs:
         self.replays: dict[int, int] = {}  # batch size -> replays (tests, stats)
         t0 = time.perf_counter()
         stream = cupy.cuda.Stream(non_blocking=True)
-        with stream, cupy.cuda.using_allocator(self.pool.malloc):
+        with stream, cupy.cuda.using_allocator(self.pool.malloc), \
+                progress("capturing decode CUDA graphs", len(sizes)) as bar:
             cublas.handle().bind(stream.ptr)
             for batch in reversed(sizes):  # the largest first: the smaller ones reuse its intermediates
                 plan = cuda_ops.decode_plan(batch, c.num_heads, c.num_kv_heads, c.head_dim, cache.block_size,
@@ -127,6 +129,7 @@ class DecodeGraphs:
                 stream.begin_capture()
                 step()
                 self.graphs[batch] = (stream.end_capture(), plan)
+                bar.update()
             stream.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1fs", len(sizes), sizes[0], sizes[-1],
                     time.perf_counter() - t0)
