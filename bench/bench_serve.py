@@ -29,8 +29,9 @@ server never has more; one warm-up request, then every request at once, greedy, 
 output length, output_kind="final_only". server / offline is the ratio of their output tokens/s.
 
 Reported: requests/s and output tokens/s over the wall time of the load; TTFT (request sent to first streamed
-chunk) and ITL (time between streamed chunks; a token that completes no character adds no chunk, so its time
-counts in the next gap) as p50/p90/p99 in milliseconds; counts of completed, failed and unfinished (cut by
+chunk) and ITL (time between streamed chunks; the server sends a chunk for every step that brought tokens, text
+or not, as vLLM does, so a random-weight model whose tokenizer covers few of its ids still shows each token) as
+p50/p90/p99 in milliseconds; counts of completed, failed and unfinished (cut by
 --time-limit) requests; offline output tokens/s and server / offline. A short table is printed last; --json
 writes every figure.
 """

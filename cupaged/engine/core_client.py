@@ -13,6 +13,7 @@ gone; the front watches the core's process and reports its death (`CoreDied`), n
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -49,6 +50,10 @@ def run_core(model: str, options: dict, input_addr: str, output_addr: str, ready
         raise SystemExit(1) from None
     ready.send(("ready", core.info(), core.config, core.tokenizer))
     ready.close()
+    # Everything loaded so far lives as long as the process: keep it out of the collector's sweeps, whose pauses
+    # over a big heap would stall the steps (this process holds nothing else that must ever be freed early).
+    gc.collect()
+    gc.freeze()
     context = zmq.Context()
     inputs, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     inputs.connect(input_addr)

@@ -359,8 +359,10 @@ class Server:
                 if error is not None:
                     await response.write(sse(error.body()))
                     return response
-                if not c.text and not c.logprobs and not out.finished:
-                    continue  # nothing to say yet (half a UTF-8 character, or text held back for a stop string)
+                if not c.token_ids and not out.finished:
+                    continue
+                # a chunk for every step that brought tokens, even when they complete no character yet (or their
+                # text is held back for a stop string), as vLLM streams: a client sees each token's timing
                 if not want and not out.finished:
                     await response.write(head + json.dumps(c.text, ensure_ascii=False).encode() + tail)
                     continue
