@@ -125,6 +125,10 @@ class AsyncLLM:
                     self.client.abort(request_id)
                 self.processor.fail_all(f"the server failed to read the engine's outputs: {type(exc).__name__}")
                 self._deliver(EngineCoreOutputs([], self.stats))
+            # A recv whose message is already there completes without yielding: let the requests' handlers write
+            # what was just delivered before reading on, or a core faster than this loop starves them (every
+            # stream would get its tokens in one burst at the end).
+            await asyncio.sleep(0)
 
     def _deliver(self, core_out: EngineCoreOutputs) -> None:
         outputs, aborts = self.processor.process(core_out)
