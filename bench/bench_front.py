@@ -1,6 +1,6 @@
 """How fast the server's own process can stream, without a GPU: the real HTTP app, AsyncLLM's front and its
-OutputProcessor, fed by a stand-in core that gives every live request one token every --step-ms (as a GPU core
-would at that step time), each step's outputs msgpack-encoded and decoded as they travel from a real core.
+OutputProcessor, fed by a stand-in core (a thread) that gives every live request one token every --step-ms (as a GPU
+core would at that step time) and sends each step over ZeroMQ as msgpack, as a real core does.
 
     python -m bench.bench_front --model /tmp/qwen3-0.6b-shape -c 64 --step-ms 4 -n 256
 
@@ -15,12 +15,16 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import click
 import msgspec
 import numpy as np
+import zmq
+import zmq.asyncio
 
 from cupaged.checkpoint import open_checkpoint
 from cupaged.engine.async_llm import AsyncLLM
@@ -43,12 +47,15 @@ class StandInCore:
         self.live: dict[str, list[int]] = {}  # request id -> [tokens left]
         self.encoder, self.decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineCoreOutputs)
         self.rng = np.random.default_rng(0)
+        self.lock = threading.Lock()  # the stepping thread and the event loop's adds and aborts
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.live[request.request_id] = [request.params.max_tokens]
+        with self.lock:
+            self.live[request.request_id] = [request.params.max_tokens]
 
     def abort(self, request_id: str, index: int | None = None) -> None:
-        self.live.pop(request_id, None)
+        with self.lock:
+            self.live.pop(request_id, None)
 
     def abort_many(self, aborts: list[tuple[str, int | None]]) -> None:
         for request_id, _ in aborts:
@@ -72,7 +79,8 @@ class StandInCore:
 
 
 class StandInLLM(AsyncLLM):
-    """AsyncLLM with the stand-in core: its front (processor, queues, delivery) is the real one."""
+    """AsyncLLM with the stand-in core: its front (the reader of the core's socket, processor, queues, delivery) is
+    the real one. The stand-in steps in a thread of its own and sends each step over ZeroMQ, as a core would."""
 
     def __init__(self, model: str, step_s: float):
         config, tokenizer, _ = open_checkpoint(model)
@@ -83,25 +91,33 @@ class StandInLLM(AsyncLLM):
         self.stats = EngineStats()
         self.dead, self.on_dead, self._queues, self._reader = None, None, {}, None
         self.step_s = step_s
+        self._address = f"ipc://{tempfile.mkdtemp(prefix='cupaged-front-')}/outputs"
+        self.client.output = zmq.asyncio.Context().socket(zmq.PULL)
+        self.client.output.bind(self._address)
+        self._stop = threading.Event()
 
     @property
     def core_pid(self) -> int | None:
         return self.client.pid
 
     def start(self) -> None:
-        self._reader = asyncio.ensure_future(self._steps())
+        threading.Thread(target=self._steps, daemon=True).start()
+        self._reader = asyncio.ensure_future(self._read_outputs())
 
-    async def _steps(self) -> None:
+    def _steps(self) -> None:
+        push = zmq.Context().socket(zmq.PUSH)
+        push.connect(self._address)
         next_step = time.perf_counter()
-        while True:
+        while not self._stop.is_set():
             next_step += self.step_s
-            await asyncio.sleep(max(0.0, next_step - time.perf_counter()))
-            if self.client.live:
-                out = self.client.decoder.decode(self.client.step())
-                self.stats = out.stats
-                self._deliver(out)
+            time.sleep(max(0.0, next_step - time.perf_counter()))
+            with self.client.lock:
+                message = self.client.step() if self.client.live else None
+            if message is not None:
+                push.send(message)
 
     def shutdown(self) -> None:
+        self._stop.set()
         if self._reader is not None:
             self._reader.cancel()
 
