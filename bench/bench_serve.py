@@ -112,12 +112,13 @@ async def one_request(session, url: str, model: str, prompt: list[int], max_toke
                 for choice in chunk.get("choices", []):
                     if choice.get("finish_reason") == "abort":
                         result.error = "aborted by the server"
-                    if choice.get("text") or choice.get("finish_reason"):
-                        if result.ttft is None:
-                            result.ttft = now - t0
-                        else:
-                            result.itl.append(now - last)
-                        last = now
+                    # every chunk with a choice is tokens arriving, text or not (as vLLM's benchmark counts them):
+                    # a random-weight model samples ids its small test tokenizer decodes to nothing
+                    if result.ttft is None:
+                        result.ttft = now - t0
+                    else:
+                        result.itl.append(now - last)
+                    last = now
     except (OSError, asyncio.TimeoutError, ValueError) as exc:  # aiohttp's errors are OSErrors
         result.error = f"{type(exc).__name__}: {exc}"
     result.latency = time.perf_counter() - t0
