@@ -157,6 +157,47 @@ def test_logprobs_equal_offline(client: openai.OpenAI, llm: LLM) -> None:
     assert all(len(c.top_logprobs) == 2 for c in content)
 
 
+def test_n_and_best_of_equal_offline(client: openai.OpenAI, llm: LLM) -> None:
+    """n samples of one request (streamed and not), and best_of's n most likely, as LLM.generate gives them."""
+    prompt = "Several answers"
+    params = SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=8, ignore_eos=True)
+    offline = [c.text for c in llm.generate([prompt], params, use_tqdm=False)[0].outputs]
+    out = client.completions.create(model=NAME, prompt=prompt, n=3, temperature=0.9, seed=11, max_tokens=8,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2] and [c.text for c in out.choices] == offline
+    assert out.usage.completion_tokens == 24
+    texts, reasons = ["", "", ""], [None, None, None]
+    for chunk in client.completions.create(model=NAME, prompt=prompt, n=3, temperature=0.9, seed=11, max_tokens=8,
+                                           stream=True, extra_body={"ignore_eos": True}):
+        for c in chunk.choices:
+            assert reasons[c.index] is None, "a choice went on after its last chunk"
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason
+    assert texts == offline and reasons == ["length"] * 3
+    best = SamplingParams(n=2, best_of=4, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+    offline = [c.text for c in llm.generate([prompt], best, use_tqdm=False)[0].outputs]
+    out = client.completions.create(model=NAME, prompt=prompt, n=2, best_of=4, temperature=1.0, seed=5, max_tokens=6,
+                                    extra_body={"ignore_eos": True})
+    assert [c.text for c in out.choices] == offline
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model=NAME, messages=messages, n=2, temperature=0.9, seed=3, max_tokens=5,
+                                          extra_body={"ignore_eos": True})
+    offline = [c.text for c in llm.chat(messages, SamplingParams(n=2, temperature=0.9, seed=3, max_tokens=5,
+                                                                 ignore_eos=True)).outputs]
+    assert [c.message.content for c in chat.choices] == offline
+
+
+def test_echo_puts_the_prompt_first(client: openai.OpenAI, llm: LLM) -> None:
+    offline = llm.generate(["Echo this"], greedy(4), use_tqdm=False)[0].outputs[0].text
+    out = client.completions.create(model=NAME, prompt="Echo this", max_tokens=4, temperature=0, echo=True,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == "Echo this" + offline
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=NAME, prompt="Echo this", max_tokens=4, temperature=0, echo=True, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == "Echo this" + offline
+
+
 def test_concurrent_clients_equal_offline(server: ServerProcess, llm: LLM) -> None:
     """40 clients at once, half streaming: one engine batches them and each gets its offline greedy output."""
     prompts = [f"Request number {i}: " + "tell me something " * (i % 7) for i in range(40)]
@@ -233,9 +274,10 @@ BAD_REQUESTS = [
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 600}, 400,
      "max_completion_tokens", "context_length_exceeded"),
     ("completions", {"prompt": "hello world " * 3000, "max_tokens": 4}, 400, "prompt", "context_length_exceeded"),
-    ("completions", {"prompt": "hi", "n": 2}, 400, "n", "unsupported_parameter"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n",
-     "unsupported_parameter"),
+    ("completions", {"prompt": "hi", "n": 0}, 400, "n", None),
+    ("completions", {"prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of", None),
+    ("completions", {"prompt": "hi", "n": 1, "best_of": 3, "stream": True}, 400, "best_of", None),
+    ("completions", {"prompt": "hi", "echo": True, "logprobs": 2}, 400, "echo", "unsupported_parameter"),
     ("completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", None),  # SamplingParams refuses
     ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
@@ -272,7 +314,7 @@ def test_unknown_route_and_method(server: ServerProcess) -> None:
 
 def test_bad_requests_leave_the_server_serving(server: ServerProcess, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=NAME, prompt="hi", n=2)
+        client.completions.create(model=NAME, prompt="hi", n=0)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi")
     assert client.completions.create(model=NAME, prompt="hi", max_tokens=3).usage.completion_tokens >= 1

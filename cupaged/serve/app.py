@@ -209,7 +209,10 @@ class Server:
         params, given = sampling_params_from(body, chat=False)
         ids = await self._encode(self.engine.tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
         self._limit_tokens(ids, params, given, chat=False)
-        return await self._generate(request, body, ids, params, chat=False)
+        echo = None
+        if field(body, "echo", "bool", False):  # the prompt's text before each completion's
+            echo = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
+        return await self._generate(request, body, ids, params, chat=False, echo=echo)
 
     async def chat_completions(self, request: Any) -> Any:
         body = await self._json(request)
@@ -224,7 +227,8 @@ class Server:
         return await self._generate(request, body, ids, params, chat=True)
 
     # -- generation ------------------------------------------------------------------------------------------
-    async def _generate(self, request: Any, body: dict, ids: list[int], params: SamplingParams, chat: bool) -> Any:
+    async def _generate(self, request: Any, body: dict, ids: list[int], params: SamplingParams, chat: bool,
+                        echo: str | None = None) -> Any:
         stream = field(body, "stream", "bool", False)
         options = field(body, "stream_options", "object", {}) or {}
         include_usage = bool(options.get("include_usage")) if stream else False
@@ -236,7 +240,9 @@ class Server:
         if self.max_queue_depth >= 0 and self.engine.num_waiting >= self.max_queue_depth:
             raise ApiError(503, f"the server is overloaded: {self.engine.num_waiting} requests are waiting; "
                                 "retry later", code="overloaded")
-        params.output_kind = "delta"
+        # a stream is written as tokens come; a whole answer is made once, from the request's last output (which,
+        # with best_of, holds the n best samples: known only then)
+        params.output_kind = "delta" if stream else "final_only"
         live = _Live(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", len(ids),
                      request.get("arrival", time.monotonic()))
         try:
@@ -248,8 +254,8 @@ class Server:
         self.idle.clear()
         try:
             if stream:
-                return await self._stream(request, live, outputs, chat, include_usage, params, as_ids)
-            return await self._collect(live, outputs, chat, params, as_ids)
+                return await self._stream(request, live, outputs, chat, include_usage, params, as_ids, echo)
+            return await self._collect(live, outputs, chat, params, as_ids, echo)
         finally:
             # the client went away (the handler is cancelled), or a bug: free the request's blocks
             if not live.finished:
@@ -260,10 +266,14 @@ class Server:
                 self.idle.set()
 
     def _count(self, live: _Live, out: RequestOutput) -> None:
-        """Metrics of the tokens an output brings."""
-        n = len(out.outputs[0].token_ids)
+        """Metrics of the tokens an output brings (of all its completions)."""
+        n = sum(len(c.token_ids) for c in out.outputs)
         if n:
             now = time.monotonic()
+            if live.last_token_time is None and n > 1 and out.first_token_time is not None:
+                # a whole answer comes in one output: its first token came earlier, when the front saw it
+                self.metrics.on_tokens(live.arrival, None, live.num_prompt_tokens, 1, out.first_token_time)
+                live.last_token_time, live.num_tokens, n = out.first_token_time, live.num_tokens + 1, n - 1
             self.metrics.on_tokens(live.arrival, live.last_token_time, live.num_prompt_tokens, n, now)
             self.metrics.on_tokens_of_step(n, now)
             live.last_token_time = now
@@ -297,43 +307,46 @@ class Server:
 
     @staticmethod
     def _error(out: RequestOutput) -> ApiError | None:
-        if out.outputs[0].finish_reason == "error":
+        if any(c.finish_reason == "error" for c in out.outputs):
             return ApiError(500, out.error or "the engine failed", code="engine_error")
         return None
 
-    async def _collect(self, live: _Live, outputs: Any, chat: bool, params: SamplingParams, as_ids: bool) -> Any:
+    async def _collect(self, live: _Live, outputs: Any, chat: bool, params: SamplingParams, as_ids: bool,
+                       echo: str | None) -> Any:
         from aiohttp import web
 
-        text, logprobs = [], []
-        async for out in outputs:
+        async for out in outputs:  # one output, when the request finishes ("final_only")
             self._count(live, out)
-            c = out.outputs[0]
-            text.append(c.text)
-            logprobs += c.logprobs or []
         error = self._error(out)
         if error is not None:
             raise error
         want = params.logprobs is not None
-        choice: dict[str, Any] = {"index": 0}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": "".join(text)}
-            choice["logprobs"] = {"content": self._chat_logprobs(logprobs, as_ids)} if want else None
-        else:
-            choice["text"] = "".join(text)
-            choice["logprobs"] = self._completion_logprobs(logprobs, 0, as_ids)[0] if want else None
-        choice["finish_reason"] = c.finish_reason
-        choice["stop_reason"] = c.stop_reason
+        choices = []
+        for c in out.outputs:
+            choice: dict[str, Any] = {"index": c.index}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+                choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs or [], as_ids)} if want else None
+            else:
+                choice["text"] = (echo or "") + c.text
+                choice["logprobs"] = self._completion_logprobs(c.logprobs or [], 0, as_ids)[0] if want else None
+            choice["finish_reason"] = c.finish_reason
+            choice["stop_reason"] = c.stop_reason
+            choices.append(choice)
         return web.json_response({
             "id": live.request_id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": self._usage(live)})
+            "created": int(time.time()), "model": self.model_name, "choices": choices, "usage": self._usage(live)})
 
     async def _stream(self, request: Any, live: _Live, outputs: Any, chat: bool, include_usage: bool,
-                      params: SamplingParams, as_ids: bool) -> Any:
+                      params: SamplingParams, as_ids: bool, echo: str | None) -> Any:
+        """Server-sent events: a chunk for each completion that brought tokens in a step (text or not, as vLLM
+        streams, so a client sees each token's timing), its last one with its finish reason; then [DONE]."""
         from aiohttp import web
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        offset = 0
+        offsets: dict[int, int] = {}
+        finished: set[int] = set()  # completions whose last chunk went out
         base = {"id": live.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
         want = params.logprobs is not None
@@ -341,43 +354,53 @@ class Server:
         def sse(payload: dict) -> bytes:
             return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
-        # the common chunk (new text, no logprobs, not the last) is spliced around the JSON of its text alone
+        # the common chunk (one completion, new text, no logprobs, not its last) is spliced around its text's JSON
         marker = json.dumps("\0text\0")
         plain = {"index": 0, "delta": {"content": "\0text\0"}} if chat else {"index": 0, "text": "\0text\0"}
         head, tail = sse(dict(base, choices=[dict(plain, logprobs=None, finish_reason=None)])).split(marker.encode())
 
         try:
             await response.prepare(request)  # a client gone already fails here, as in any write below
-            if chat:
-                role = {"role": "assistant", "content": ""}
-                await response.write(sse(dict(base, choices=[{"index": 0, "delta": role, "logprobs": None,
-                                                               "finish_reason": None}])))
+            first = []
+            for index in range(params.n):
+                if chat:
+                    first.append(sse(dict(base, choices=[{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}])))
+                elif echo:
+                    first.append(sse(dict(base, choices=[{"index": index, "text": echo, "logprobs": None,
+                                                          "finish_reason": None}])))
+            if first:
+                await response.write(b"".join(first))
             async for out in outputs:
                 self._count(live, out)
-                c = out.outputs[0]
                 error = self._error(out)
                 if error is not None:
                     await response.write(sse(error.body()))
                     return response
-                if not c.token_ids and not out.finished:
-                    continue
-                # a chunk for every step that brought tokens, even when they complete no character yet (or their
-                # text is held back for a stop string), as vLLM streams: a client sees each token's timing
-                if not want and not out.finished:
-                    await response.write(head + json.dumps(c.text, ensure_ascii=False).encode() + tail)
-                    continue
-                choice: dict[str, Any] = {"index": 0}
-                if chat:
-                    choice["delta"] = {"content": c.text} if c.text or not out.finished else {}
-                    choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs or [], as_ids)} if want else None
-                else:
-                    choice["text"] = c.text
-                    choice["logprobs"], offset = self._completion_logprobs(c.logprobs or [], offset, as_ids) \
-                        if want else (None, offset)
-                choice["finish_reason"] = c.finish_reason if out.finished else None
-                if out.finished:
-                    choice["stop_reason"] = c.stop_reason
-                await response.write(sse(dict(base, choices=[choice])))
+                chunks = []
+                for c in out.outputs:
+                    last = c.finish_reason is not None
+                    if c.index in finished or (not c.token_ids and not last):
+                        continue
+                    if params.n == 1 and not want and not last:
+                        chunks.append(head + json.dumps(c.text, ensure_ascii=False).encode() + tail)
+                        continue
+                    choice: dict[str, Any] = {"index": c.index}
+                    if chat:
+                        choice["delta"] = {"content": c.text} if c.text or not last else {}
+                        choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs or [], as_ids)} \
+                            if want else None
+                    else:
+                        choice["text"] = c.text
+                        choice["logprobs"], offsets[c.index] = self._completion_logprobs(
+                            c.logprobs or [], offsets.get(c.index, 0), as_ids) if want else (None, 0)
+                    choice["finish_reason"] = c.finish_reason
+                    if last:
+                        choice["stop_reason"] = c.stop_reason
+                        finished.add(c.index)
+                    chunks.append(sse(dict(base, choices=[choice])))
+                if chunks:
+                    await response.write(b"".join(chunks))
             usage = [sse(dict(base, choices=[], usage=self._usage(live)))] if include_usage else []
             await response.write(b"".join(usage) + b"data: [DONE]\n\n")
             await response.write_eof()

@@ -60,19 +60,19 @@ def _unsupported(body: dict, name: str, allowed: tuple = ()) -> None:
 def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | None]:
     """SamplingParams for an OpenAI request body, and the field that set max_tokens (None: not given)."""
     n = field(body, "n", "int", 1)
-    if n != 1:
-        raise ApiError(400, "only n=1 is supported: send one request per completion", "n", "unsupported_parameter")
     best_of = field(body, "best_of", "int", None)
-    if best_of not in (None, 1):
-        raise ApiError(400, "best_of is not supported", "best_of", "unsupported_parameter")
+    if best_of is not None and best_of > n and field(body, "stream", "bool", False):
+        raise ApiError(400, "best_of must equal n when streaming: which n samples are best is known only at the end",
+                       "best_of")
     for name in ("logit_bias", "suffix", "tools", "functions"):
         _unsupported(body, name)
     _unsupported(body, "tool_choice", ("none", "auto"))
     if field(body, "response_format", "object", {}).get("type", "text") != "text":
         raise ApiError(400, "only the 'text' response_format is supported", "response_format",
                        "unsupported_parameter")
-    if field(body, "echo", "bool", False):
-        raise ApiError(400, "'echo' is not supported by this server", "echo", "unsupported_parameter")
+    if field(body, "echo", "bool", False) and body.get("logprobs") is not None:
+        raise ApiError(400, "'echo' with 'logprobs' is not supported: the engine computes no prompt logprobs", "echo",
+                       "unsupported_parameter")
     max_tokens_field = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = field(body, max_tokens_field, "int", None)
@@ -95,6 +95,8 @@ def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | 
     else:
         logprobs = field(body, "logprobs", "int", None)
     kwargs = dict(
+        n=n,
+        best_of=best_of,
         temperature=field(body, "temperature", "number", 1.0),
         top_p=field(body, "top_p", "number", 1.0),
         top_k=field(body, "top_k", "int", 0),
