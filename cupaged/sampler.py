@@ -3,11 +3,14 @@
 All arithmetic runs on the logits' own device (NumPy or CuPy); only the chosen token ids (and the few
 logprobs asked for) come back to the host. Each sequence's random draw is one uniform number from its own
 generator (seeded per request, or the engine's), so a seeded request samples the same tokens whatever else
-shares its batch. Sampling is inverse-CDF on the filtered distribution.
+shares its batch. Sampling is inverse-CDF on the filtered distribution. The engine core describes a step's rows
+as a SamplingMetadata of arrays (built from its sequences: the sampler sees no Sequence object); logprobs are
+recorded into the sequences afterwards.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,30 +23,78 @@ from cupaged.engine.sequence import Sequence
 Array = Any
 
 
-def apply_penalties(logits: Array, seqs: list[Sequence], eos_ids: list[int]) -> Array:
-    """Repetition/presence/frequency penalties and the min_tokens ban on stop tokens, row by row (in place)."""
-    xp = array_module(logits)
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            seen = xp.asarray(np.unique(seq.token_ids))
-            vals = logits[row, seen]
-            logits[row, seen] = xp.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-            ids, counts = np.unique(seq.output_token_ids, return_counts=True)
-            penalty = p.presence_penalty + p.frequency_penalty * counts.astype(np.float32)
-            logits[row, xp.asarray(ids)] -= xp.asarray(penalty)
-        if seq.num_output_tokens < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
-            if banned:
-                logits[row, xp.asarray(banned)] = -np.inf
-    return logits
+@dataclass
+class RowPenalties:
+    """What changes one row's logits before sampling: penalties over the tokens seen, and a ban on stop tokens."""
+
+    row: int
+    repetition: float = 1.0
+    seen: np.ndarray | None = None          # every token of the sequence, prompt included (repetition penalty)
+    output_ids: np.ndarray | None = None    # the distinct output tokens ...
+    additive: np.ndarray | None = None      # ... and what presence + frequency take off each
+    banned: list[int] = field(default_factory=list)  # stop tokens before min_tokens
+
+
+@dataclass
+class SamplingMetadata:
+    """What the sampler needs of a step's rows, as arrays (one entry per row): no Sequence objects past here."""
+
+    temperature: np.ndarray                 # float32; 0 means greedy
+    top_k: np.ndarray                       # int64; 0 disables
+    top_p: np.ndarray                       # float32; 1 disables
+    min_p: np.ndarray                       # float32; 0 disables
+    uniform: np.ndarray                     # float64: each row's draw, taken from its generator in row order
+    penalties: list[RowPenalties]           # the rows whose logits change first
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], eos_ids: list[int], rng: np.random.Generator) -> "SamplingMetadata":
+        """The metadata of `seqs` (one row each); draws each row's uniform number now."""
+        params = [s.params for s in seqs]
+        f32 = np.float32
+        return cls(temperature=np.array([0.0 if p.greedy else p.temperature for p in params], f32),
+                   top_k=np.array([p.top_k for p in params], np.int64),
+                   top_p=np.array([p.top_p for p in params], f32),
+                   min_p=np.array([p.min_p for p in params], f32),
+                   uniform=np.array([(s.rng or rng).random() for s in seqs]),
+                   penalties=[_row_penalties(row, s, eos_ids) for row, s in enumerate(seqs) if _needs_penalties(s)])
+
+    @property
+    def needs_sort(self) -> bool:
+        """Whether a row filters by top-k or top-p (a sort of the whole vocabulary)."""
+        return bool((self.top_k > 0).any() or (self.top_p < 1).any())
 
 
 def _needs_penalties(seq: Sequence) -> bool:
     p = seq.params
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
             or seq.num_output_tokens < p.min_tokens)
+
+
+def _row_penalties(row: int, seq: Sequence, eos_ids: list[int]) -> RowPenalties:
+    p, out = seq.params, RowPenalties(row)
+    if p.repetition_penalty != 1.0:
+        out.repetition, out.seen = p.repetition_penalty, np.unique(seq.token_ids)
+    if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+        out.output_ids, counts = np.unique(seq.output_token_ids, return_counts=True)
+        out.additive = p.presence_penalty + p.frequency_penalty * counts.astype(np.float32)
+    if seq.num_output_tokens < p.min_tokens:
+        out.banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+    return out
+
+
+def apply_penalties(logits: Array, penalties: list[RowPenalties]) -> Array:
+    """Repetition/presence/frequency penalties and the min_tokens ban on stop tokens, row by row (in place)."""
+    xp = array_module(logits)
+    for r in penalties:
+        if r.seen is not None:
+            seen = xp.asarray(r.seen)
+            vals = logits[r.row, seen]
+            logits[r.row, seen] = xp.where(vals > 0, vals / r.repetition, vals * r.repetition)
+        if r.additive is not None:
+            logits[r.row, xp.asarray(r.output_ids)] -= xp.asarray(r.additive)
+        if r.banned:
+            logits[r.row, xp.asarray(r.banned)] = -np.inf
+    return logits
 
 
 def sorted_filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p: Array,
@@ -66,33 +117,27 @@ def sample(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.rand
 
     The engine runs the two halves separately, so that the host can work while the device samples.
     """
-    tokens = to_numpy(sample_on_device(logits, seqs, eos_ids, rng)).tolist()
+    tokens = to_numpy(sample_on_device(logits, SamplingMetadata.from_sequences(seqs, eos_ids, rng))).tolist()
     record_logprobs(logits, seqs, tokens)
     return tokens
 
 
-def sample_on_device(logits: Array, seqs: list[Sequence], eos_ids: list[int], rng: np.random.Generator) -> Array:
-    """The next token of each sequence, as an int array on the logits' device (nothing waits for it).
+def sample_on_device(logits: Array, meta: SamplingMetadata) -> Array:
+    """The next token of each row, as an int array on the logits' device (nothing waits for it).
 
     Rows without top-k / top-p (the common case) go through `ops.sample_rows`, one fused kernel on the GPU; the
-    others need a sort of the whole vocabulary and run as array code. The uniform draws are taken from the
-    sequences' generators now, in batch order.
+    others need a sort of the whole vocabulary and run as array code.
     """
     xp = array_module(logits)
-    if any(_needs_penalties(s) for s in seqs):
-        logits = apply_penalties(logits.copy(), seqs, eos_ids)
-    params = [s.params for s in seqs]
-    f32 = np.float32
-    temperature = np.array([0.0 if p.greedy else p.temperature for p in params], f32)
-    min_p = np.array([p.min_p for p in params], f32)
-    uniform = np.array([(s.rng or rng).random() for s in seqs])
-    if not any(p.top_k > 0 or p.top_p < 1 for p in params):
-        return ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, temperature, min_p, uniform)
-    top_k = xp.asarray(np.array([p.top_k for p in params], np.int64))
-    top_p = xp.asarray(np.array([p.top_p for p in params], f32))
-    probs, order = sorted_filtered_probs(logits, xp.asarray(np.where(temperature > 0, temperature, 1)), top_k,
-                                         top_p, xp.asarray(min_p))
-    sampled = xp.take_along_axis(order, inverse_cdf(probs, xp.asarray(uniform))[:, None], axis=-1)[:, 0]
+    if meta.penalties:
+        logits = apply_penalties(logits.copy(), meta.penalties)
+    if not meta.needs_sort:
+        return ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, meta.temperature, meta.min_p,
+                                                                      meta.uniform)
+    temperature = meta.temperature
+    probs, order = sorted_filtered_probs(logits, xp.asarray(np.where(temperature > 0, temperature, 1)),
+                                         xp.asarray(meta.top_k), xp.asarray(meta.top_p), xp.asarray(meta.min_p))
+    sampled = xp.take_along_axis(order, inverse_cdf(probs, xp.asarray(meta.uniform))[:, None], axis=-1)[:, 0]
     return xp.where(xp.asarray(temperature <= 0), xp.argmax(logits, axis=-1), sampled)
 
 
