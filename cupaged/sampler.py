@@ -32,7 +32,10 @@ class RowPenalties:
     seen: np.ndarray | None = None          # every token of the sequence, prompt included (repetition penalty)
     output_ids: np.ndarray | None = None    # the distinct output tokens ...
     additive: np.ndarray | None = None      # ... and what presence + frequency take off each
-    banned: list[int] = field(default_factory=list)  # stop tokens before min_tokens
+    bias_ids: np.ndarray | None = None      # logit_bias: the tokens ...
+    bias: np.ndarray | None = None          # ... and what is added to their logits
+    allowed: np.ndarray | None = None       # allowed_token_ids: every other token is masked
+    banned: list[int] = field(default_factory=list)  # stop tokens before min_tokens, bad words' next tokens
 
 
 @dataclass
@@ -67,7 +70,8 @@ class SamplingMetadata:
 def _needs_penalties(seq: Sequence) -> bool:
     p = seq.params
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
-            or seq.num_output_tokens < p.min_tokens)
+            or seq.num_output_tokens < p.min_tokens or bool(p.logit_bias) or p.allowed_token_ids is not None
+            or bool(seq.bad_words))
 
 
 def _row_penalties(row: int, seq: Sequence, eos_ids: list[int]) -> RowPenalties:
@@ -79,11 +83,20 @@ def _row_penalties(row: int, seq: Sequence, eos_ids: list[int]) -> RowPenalties:
         out.additive = p.presence_penalty + p.frequency_penalty * counts.astype(np.float32)
     if seq.num_output_tokens < p.min_tokens:
         out.banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+    if p.logit_bias:
+        out.bias_ids = np.fromiter(p.logit_bias, np.int64, len(p.logit_bias))
+        out.bias = np.fromiter(p.logit_bias.values(), np.float32, len(p.logit_bias))
+    if p.allowed_token_ids is not None:
+        out.allowed = np.array(p.allowed_token_ids, np.int64)
+    for word in seq.bad_words:  # its last token is banned where the sequence ends with the rest of it
+        if len(word) == 1 or seq.token_ids[len(seq.token_ids) - len(word) + 1:] == word[:-1]:
+            out.banned.append(word[-1])
     return out
 
 
 def apply_penalties(logits: Array, penalties: list[RowPenalties]) -> Array:
-    """Repetition/presence/frequency penalties and the min_tokens ban on stop tokens, row by row (in place)."""
+    """Repetition/presence/frequency penalties, logit_bias, allowed_token_ids, and the bans (stop tokens before
+    min_tokens, bad words), row by row (in place)."""
     xp = array_module(logits)
     for r in penalties:
         if r.seen is not None:
@@ -92,6 +105,13 @@ def apply_penalties(logits: Array, penalties: list[RowPenalties]) -> Array:
             logits[r.row, seen] = xp.where(vals > 0, vals / r.repetition, vals * r.repetition)
         if r.additive is not None:
             logits[r.row, xp.asarray(r.output_ids)] -= xp.asarray(r.additive)
+        if r.bias_ids is not None:
+            logits[r.row, xp.asarray(r.bias_ids)] += xp.asarray(r.bias)
+        if r.allowed is not None:
+            allowed = xp.asarray(r.allowed)
+            kept = logits[r.row, allowed]
+            logits[r.row] = -np.inf
+            logits[r.row, allowed] = kept
         if r.banned:
             logits[r.row, xp.asarray(r.banned)] = -np.inf
     return logits

@@ -159,6 +159,10 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     output_kind: str = "cumulative"
+    logit_bias: dict[int, float] | None = None      # token id -> added to its logit, in [-100, 100] (OpenAI's)
+    allowed_token_ids: list[int] | None = None      # only these may be sampled
+    bad_words: list[str] = field(default_factory=list)  # never generated (as the tokenizer writes them, with or
+                                                        # without a leading space)
 
     def __post_init__(self) -> None:
         fields = self.__dict__
@@ -199,7 +203,32 @@ class SamplingParams:
                                                      f"got {_show(self.output_kind)}")
         if self.top_k == -1:
             self.top_k = 0
+        self._check_masks()
         self._check_together()
+
+    def _check_masks(self) -> None:
+        """logit_bias, allowed_token_ids and bad_words: their types and ranges (the vocabulary is checked by
+        verify_for_model)."""
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict):
+                raise SamplingParamsError("logit_bias", f"logit_bias must be a dict of token id -> number, got "
+                                                        f"{_show(bias)}")
+            ids = check_token_ids("logit_bias", list(bias))
+            values = [_number("logit_bias", v, lambda v: -100 <= v <= 100, "a number in [-100, 100]")
+                      for v in bias.values()]
+            self.logit_bias = dict(zip(ids, values))
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = check_token_ids("allowed_token_ids", self.allowed_token_ids)
+            if not self.allowed_token_ids:
+                raise SamplingParamsError("allowed_token_ids", "allowed_token_ids must not be empty (None: all)")
+        words = self.bad_words
+        if not isinstance(words, (list, tuple)):
+            raise SamplingParamsError("bad_words", f"bad_words must be a list of strings, got {_show(words)}")
+        for i, w in enumerate(words):
+            if not isinstance(w, str) or not w:
+                raise SamplingParamsError("bad_words", f"bad_words[{i}] must be a non-empty string, got {_show(w)}")
+        self.bad_words = list(words)
 
     def _check_together(self) -> None:
         """The checks between fields (each field's own type and range are already checked)."""
@@ -216,11 +245,16 @@ class SamplingParams:
                                                     f"({self.max_tokens})")
 
     def verify_for_model(self, vocab_size: int, max_logprobs: int = 20) -> None:
-        """The checks that need the model and engine, for `add_request`: stop_token_ids within [0, vocab_size);
+        """The checks that need the model and engine, for `add_request`: stop_token_ids, logit_bias's keys and
+        allowed_token_ids within [0, vocab_size);
         logprobs at most `max_logprobs` (the engine's option, 20 by default as in vLLM; -1: no limit) and at most
         vocab_size; no logprobs with beam search (the engine does not compute them for beams). Raises
         SamplingParamsError naming the field."""
         check_token_ids("stop_token_ids", self.stop_token_ids, vocab_size)
+        if self.logit_bias:
+            check_token_ids("logit_bias", list(self.logit_bias), vocab_size)
+        if self.allowed_token_ids is not None:
+            check_token_ids("allowed_token_ids", self.allowed_token_ids, vocab_size)
         lp = self.logprobs
         if lp is None:
             return

@@ -95,6 +95,17 @@ class Tokenizer:
         except TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from None
 
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """The token sequences of `words` that generation must not produce: each word as written alone and after a
+        space (the tokenizer may merge a leading space into the first token), as vLLM's bad_words are."""
+        out: list[list[int]] = []
+        for word in words:
+            for variant in (word, " " + word.lstrip()):
+                ids = self.encode(variant, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation ready for the assistant's reply (the template adds BOS itself)."""
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)

@@ -187,6 +187,18 @@ def test_n_and_best_of_equal_offline(client: openai.OpenAI, llm: LLM) -> None:
     assert [c.message.content for c in chat.choices] == offline
 
 
+def test_logit_bias_allowed_token_ids_and_bad_words_equal_offline(client: openai.OpenAI, llm: LLM) -> None:
+    cases = [(dict(logit_bias={123: 100}), {"logit_bias": {"123": 100}}),  # OpenAI's keys are strings
+             (dict(allowed_token_ids=[7, 99, 500]), {"allowed_token_ids": [7, 99, 500]}),
+             (dict(bad_words=["the", "a"]), {"bad_words": ["the", "a"]})]
+    for extra, body in cases:
+        offline = llm.generate(["Masks"], SamplingParams(temperature=0.8, seed=2, max_tokens=6, ignore_eos=True,
+                                                         **extra), use_tqdm=False)[0].outputs[0].text
+        out = client.completions.create(model=NAME, prompt="Masks", max_tokens=6, temperature=0.8, seed=2,
+                                        extra_body={"ignore_eos": True, **body})
+        assert out.choices[0].text == offline, extra
+
+
 def test_echo_puts_the_prompt_first(client: openai.OpenAI, llm: LLM) -> None:
     offline = llm.generate(["Echo this"], greedy(4), use_tqdm=False)[0].outputs[0].text
     out = client.completions.create(model=NAME, prompt="Echo this", max_tokens=4, temperature=0, echo=True,
@@ -278,6 +290,11 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of", None),
     ("completions", {"prompt": "hi", "n": 1, "best_of": 3, "stream": True}, 400, "best_of", None),
     ("completions", {"prompt": "hi", "echo": True, "logprobs": 2}, 400, "echo", "unsupported_parameter"),
+    ("completions", {"prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias", "invalid_type"),
+    ("completions", {"prompt": "hi", "logit_bias": {"5": 200}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bad_words": [3]}, 400, "bad_words", None),
     ("completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", None),  # SamplingParams refuses
     ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),

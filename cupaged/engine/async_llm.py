@@ -78,7 +78,8 @@ class AsyncLLM:
         queue: asyncio.Queue = asyncio.Queue()
         self.processor.add_request(request_id, prompt, prompt_token_ids, params)
         self._queues[request_id] = queue
-        self.client.add_request(EngineCoreRequest(request_id, prompt_token_ids, params))
+        self.client.add_request(EngineCoreRequest(request_id, prompt_token_ids, params,
+                                                  self.tokenizer.bad_words_token_ids(params.bad_words)))
         return self._outputs(request_id, queue)
 
     async def _outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:

@@ -56,11 +56,11 @@ class _Launched:
 
 def _runs_ahead(seq: Sequence) -> bool:
     """Whether seq's next step can be launched before its sampled token reaches the host: not when that step
-    needs the host's view of the token (penalties read the token history, logprobs read this step's logits, the
-    samples of n / best_of and beams are chosen on the host)."""
+    needs the host's view of the token (penalties and bad words of several tokens read the token history, logprobs
+    read this step's logits, the samples of n / best_of and beams are chosen on the host)."""
     p = seq.params
     return (p.num_sequences == 1 and p.logprobs is None and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty)
+            and not p.presence_penalty and not p.frequency_penalty and all(len(w) == 1 for w in seq.bad_words))
 
 
 def _reports_every_step(params: Any) -> bool:
@@ -147,7 +147,8 @@ class EngineCore:
         longest = check_request(ids, params, self.info())
         # it stops at `longest` tokens (a prompt that fills the context still gets one token)
         limit = max(longest, len(ids) + 1)
-        group = SequenceGroup(request_id, [Sequence(request_id, ids, params, token_limit=limit)])
+        group = SequenceGroup(request_id, [Sequence(request_id, ids, params, token_limit=limit,
+                                                    bad_words=request.bad_words_token_ids)])
         self.groups[request_id] = group
         self.scheduler.add(group)
 

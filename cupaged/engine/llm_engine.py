@@ -62,7 +62,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else check_token_ids("prompt", prompt)
-        request = EngineCoreRequest(request_id, ids, params)
+        request = EngineCoreRequest(request_id, ids, params, self.tokenizer.bad_words_token_ids(params.bad_words))
         if self.in_process:
             self.core.add_request(request)  # checks everything, raises ValueError
         else:

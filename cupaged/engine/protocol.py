@@ -18,6 +18,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    bad_words_token_ids: list[list[int]] = []   # params.bad_words as the front's tokenizer writes them
 
 
 # (chosen token, its log-probability, the top token ids, their log-probabilities) at one position

@@ -31,7 +31,7 @@ PENDING_TOKEN = -1
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 token_limit: int | None = None):
+                 token_limit: int | None = None, bad_words: list[list[int]] | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -41,6 +41,7 @@ class Sequence:
             token_limit = len(prompt_token_ids) + (params.max_tokens or 1 << 62)
         self.token_limit = token_limit
         self.params = params
+        self.bad_words = bad_words or []             # token sequences never to complete (params.bad_words)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []            # prefix-cache hashes of the full blocks, in order
@@ -78,7 +79,8 @@ class Sequence:
 
     def fork(self, index: int) -> "Sequence":
         """A copy that continues independently (its blocks are shared through BlockManager.fork)."""
-        child = Sequence(self.request_id, self.prompt_token_ids, self.params, token_limit=self.token_limit)
+        child = Sequence(self.request_id, self.prompt_token_ids, self.params, token_limit=self.token_limit,
+                         bad_words=self.bad_words)
         child.token_ids = list(self.token_ids)
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status

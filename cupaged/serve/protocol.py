@@ -64,7 +64,7 @@ def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | 
     if best_of is not None and best_of > n and field(body, "stream", "bool", False):
         raise ApiError(400, "best_of must equal n when streaming: which n samples are best is known only at the end",
                        "best_of")
-    for name in ("logit_bias", "suffix", "tools", "functions"):
+    for name in ("suffix", "tools", "functions"):
         _unsupported(body, name)
     _unsupported(body, "tool_choice", ("none", "auto"))
     if field(body, "response_format", "object", {}).get("type", "text") != "text":
@@ -94,8 +94,18 @@ def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | 
         logprobs = (top or 0) if want_logprobs else None
     else:
         logprobs = field(body, "logprobs", "int", None)
+    logit_bias = field(body, "logit_bias", "object", None)
+    if logit_bias is not None:  # OpenAI's keys are token ids written as strings
+        try:
+            logit_bias = {int(k): v for k, v in logit_bias.items()}
+        except ValueError:
+            raise ApiError(400, "'logit_bias' keys must be token ids (integers written as strings)", "logit_bias",
+                           "invalid_type") from None
     kwargs = dict(
         n=n,
+        logit_bias=logit_bias,
+        allowed_token_ids=field(body, "allowed_token_ids", "list", None),
+        bad_words=field(body, "bad_words", "list", []),
         best_of=best_of,
         temperature=field(body, "temperature", "number", 1.0),
         top_p=field(body, "top_p", "number", 1.0),
