@@ -51,6 +51,10 @@ SAMPLING = {
     "skip_special_tokens": st.booleans(),
     "return_tokens_as_token_ids": st.booleans(),
     "model": st.sampled_from([NAME] * 9 + ["gpt-4"]),
+    "logit_bias": st.dictionaries(st.integers(min_value=0, max_value=VOCAB + 1).map(str),
+                                  st.floats(min_value=-100, max_value=100), max_size=3),
+    "allowed_token_ids": st.lists(st.integers(min_value=0, max_value=VOCAB + 1), min_size=1, max_size=4),
+    "bad_words": st.lists(st.text(min_size=1, max_size=4), max_size=2),
 }
 COMPLETION = SAMPLING | {
     "prompt": st.one_of(st.text(max_size=40), st.lists(st.integers(min_value=0, max_value=VOCAB + 3), min_size=1,
