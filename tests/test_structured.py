@@ -251,3 +251,63 @@ def test_params_travel_to_the_core_process(given: dict) -> None:
     assert decoded.params == request.params
     grammar_for(decoded.params.structured_outputs)
 
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory: pytest.TempPathFactory):
+    proc = ServerProcess(checkpoints("qwen3-tiny"), tmp_path_factory.mktemp("server") / "server.log", "--api-key", KEY)
+    yield proc
+    assert proc.stop() == 0, proc.output()
+    assert "Traceback" not in proc.output(), proc.output()
+
+
+def _text(route: str, reply: dict) -> tuple[str, str]:
+    choice = reply["choices"][0]
+    return (choice["message"]["content"] if route == "chat/completions" else choice["text"]), choice["finish_reason"]
+
+
+def _body(route: str, **extra) -> dict:
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if route == "chat/completions" else {"prompt": "hi"}
+    return {**prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+
+
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_server_response_format_and_structured_outputs(server: ServerProcess, route: str) -> None:
+    schema = SCHEMAS[1]
+    url = f"{server.url}/v1/{route}"
+    status, reply = http("POST", url, _body(route, response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}), key=KEY)
+    assert status == 200, reply
+    text, reason = _text(route, reply)
+    assert reason == "stop"
+    jsonschema.validate(json.loads(text), schema)
+    finished = 0
+    for seed in range(4):
+        status, reply = http("POST", url, _body(route, temperature=1.0, seed=seed,
+                                                response_format={"type": "json_object"}), key=KEY)
+        assert status == 200, reply
+        text, reason = _text(route, reply)
+        if reason == "stop":  # any object: a random model may write past the budget
+            finished += 1
+            assert isinstance(json.loads(text), dict)
+    assert finished
+    status, reply = http("POST", url, _body(route, temperature=1.0, seed=1,
+                                            structured_outputs={"choice": ["left", "right"]}), key=KEY)
+    assert status == 200 and _text(route, reply) in [("left", "stop"), ("right", "stop")], reply
+
+
+@pytest.mark.parametrize("extra, param", [
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+     "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
+    (dict(response_format={"type": "xml"}), "response_format"),
+    (dict(structured_outputs={"regex": "a(b"}), "structured_outputs"),
+    (dict(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs"),
+    (dict(structured_outputs={"whitespace_pattern": "a"}), "structured_outputs"),
+    (dict(structured_outputs={"choice": "ab"}), "structured_outputs"),
+    (dict(structured_outputs={"choice": ["a"]}, response_format={"type": "json_object"}), "structured_outputs"),
+])
+def test_server_refuses_bad_constraints(server: ServerProcess, extra: dict, param: str) -> None:
+    status, reply = http("POST", f"{server.url}/v1/completions", _body("completions", **extra), key=KEY)
+    assert status == 400, reply
+    assert reply["error"]["param"] == param and reply["error"]["message"], reply

@@ -169,3 +169,54 @@ def structured_outputs_from(body: dict) -> StructuredOutputsParams | None:
     except SamplingParamsError as exc:
         raise ApiError(400, str(exc), name) from None
     return structured
+
+
+def param_of(exc: ValueError, chat: bool) -> str | None:
+    """The request field a SamplingParams error is about (OpenAI's `param`), named as the client sent it."""
+    name = getattr(exc, "field", None)
+    if name == "max_tokens" and chat:
+        return "max_completion_tokens"
+    return {"logprobs": "top_logprobs" if chat else "logprobs"}.get(name, name)
+
+
+def chat_messages(body: dict) -> list[dict[str, str]]:
+    """OpenAI messages as {"role", "content": str} for the chat template (text content parts are joined)."""
+    messages = field(body, "messages", "list", None)
+    if not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", "messages", "invalid_type")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "messages", "invalid_type")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"messages[{i}]: only text content parts are supported", "messages")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", "messages",
+                           "invalid_type")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def completion_prompt(body: dict) -> str | list[int]:
+    prompt = body.get("prompt", _MISSING)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise ApiError(400, "batched prompts are not supported: send one prompt per request", "prompt",
+                       "unsupported_parameter")
+    if prompt is _MISSING:
+        raise ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+    raise ApiError(400, "'prompt' must be a string or an array of token ids", "prompt", "invalid_type")
