@@ -34,7 +34,7 @@ class RowPenalties:
     additive: np.ndarray | None = None      # ... and what presence + frequency take off each
     bias_ids: np.ndarray | None = None      # logit_bias: the tokens ...
     bias: np.ndarray | None = None          # ... and what is added to their logits
-    allowed: np.ndarray | None = None       # allowed_token_ids: every other token is masked
+    allowed: np.ndarray | None = None       # allowed_token_ids and the grammar's: every other token is masked
     banned: list[int] = field(default_factory=list)  # stop tokens before min_tokens, bad words' next tokens
 
 
@@ -71,7 +71,7 @@ def _needs_penalties(seq: Sequence) -> bool:
     p = seq.params
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
             or seq.num_output_tokens < p.min_tokens or bool(p.logit_bias) or p.allowed_token_ids is not None
-            or bool(seq.bad_words))
+            or bool(seq.bad_words) or seq.matcher is not None)
 
 
 def _row_penalties(row: int, seq: Sequence, eos_ids: list[int]) -> RowPenalties:
@@ -88,6 +88,9 @@ def _row_penalties(row: int, seq: Sequence, eos_ids: list[int]) -> RowPenalties:
         out.bias = np.fromiter(p.logit_bias.values(), np.float32, len(p.logit_bias))
     if p.allowed_token_ids is not None:
         out.allowed = np.array(p.allowed_token_ids, np.int64)
+    if seq.matcher is not None:  # computed on the host: the sequence's tokens so far are all there (no run-ahead)
+        grammar = seq.matcher.allowed()
+        out.allowed = grammar if out.allowed is None else np.intersect1d(out.allowed, grammar)
     for word in seq.bad_words:  # its last token is banned where the sequence ends with the rest of it
         if len(word) == 1 or seq.token_ids[len(seq.token_ids) - len(word) + 1:] == word[:-1]:
             out.banned.append(word[-1])

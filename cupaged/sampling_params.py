@@ -111,6 +111,53 @@ def check_token_ids(name: str, ids: Any, vocab_size: int | None = None) -> list[
     return list(ids)
 
 
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's names): a JSON schema (`json`, as a dict or its JSON text), any JSON
+    object (`json_object`), a `regex` the whole output matches, a `choice` among strings, or a Lark `grammar`.
+    Exactly one is set. Construction checks each one's type (SamplingParamsError naming "structured_outputs");
+    whether a schema, regex or grammar compiles is checked by cupaged.structured.grammar_for."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        name = "structured_outputs"
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise SamplingParamsError(name, f"structured_outputs.json must be a JSON schema (an object or its JSON "
+                                            f"text), got {_show(self.json)}")
+        for key in ("regex", "grammar"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise SamplingParamsError(name, f"structured_outputs.{key} must be a non-empty string, got "
+                                                f"{_show(value)}")
+        choice = self.choice
+        if choice is not None:
+            if not isinstance(choice, (list, tuple)) or not choice or \
+                    not all(isinstance(c, str) and c for c in choice):
+                raise SamplingParamsError(name, f"structured_outputs.choice must be a non-empty list of non-empty "
+                                                f"strings, got {_show(choice)}")
+            self.choice = list(choice)
+        if type(self.json_object) is not bool:
+            raise SamplingParamsError(name, f"structured_outputs.json_object must be True or False, got "
+                                            f"{_show(self.json_object)}")
+        given = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError(name, f"structured_outputs must set exactly one of json, regex, choice, "
+                                            f"grammar and json_object, got {given or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
@@ -163,6 +210,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None      # only these may be sampled
     bad_words: list[str] = field(default_factory=list)  # never generated (as the tokenizer writes them, with or
                                                         # without a leading space)
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must follow
 
     def __post_init__(self) -> None:
         fields = self.__dict__
@@ -229,6 +277,10 @@ class SamplingParams:
             if not isinstance(w, str) or not w:
                 raise SamplingParamsError("bad_words", f"bad_words[{i}] must be a non-empty string, got {_show(w)}")
         self.bad_words = list(words)
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise SamplingParamsError("structured_outputs", f"structured_outputs must be a StructuredOutputsParams, "
+                                                            f"got {_show(so)}")
 
     def _check_together(self) -> None:
         """The checks between fields (each field's own type and range are already checked)."""

@@ -37,13 +37,15 @@ def beam_step(group: SequenceGroup, eos_ids: list[int], at_max_length: bool
     top = xp.argpartition(-flat, keep - 1)[:keep]
     top = top[xp.argsort(-flat[top], kind="stable")]
     values, indices = to_numpy(flat[top]), to_numpy(top)
+    finite = np.isfinite(values)  # a grammar's mask leaves -inf: those tokens are no candidates
+    values, indices = values[finite], indices[finite]
     generated = live[0].num_output_tokens + 1
     eos = set(eos_ids)
     ends = [at_max_length or int(i % vocab) in eos for i in indices]
 
     full = len(group.beam_finished) >= width and p.early_stopping is True
     if not full:
-        for rank in range(min(width, keep)):
+        for rank in range(min(width, len(indices))):
             if ends[rank]:
                 parent, token = divmod(int(indices[rank]), vocab)
                 hypothesis = live[parent].fork(-1)

@@ -36,6 +36,7 @@ from cupaged.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
 from cupaged.sampler import SamplingMetadata, log_softmax, record_logprobs, sample_on_device
 from cupaged.sampling_params import SamplingParams, check_token_ids
+from cupaged.structured import Matcher, build_tokenizer, grammar_for
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,10 @@ class _Launched:
 def _runs_ahead(seq: Sequence) -> bool:
     """Whether seq's next step can be launched before its sampled token reaches the host: not when that step
     needs the host's view of the token (penalties and bad words of several tokens read the token history, logprobs
-    read this step's logits, the samples of n / best_of and beams are chosen on the host)."""
+    read this step's logits, the samples of n / best_of and beams are chosen on the host, a grammar's next mask
+    follows from this step's token)."""
     p = seq.params
-    return (p.num_sequences == 1 and p.logprobs is None and p.repetition_penalty == 1.0
+    return (seq.matcher is None and p.num_sequences == 1 and p.logprobs is None and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty and all(len(w) == 1 for w in seq.bad_words))
 
 
@@ -112,6 +114,7 @@ class EngineCore:
         self.max_model_len = model_len
         self.max_logprobs = max_logprobs  # the most logprobs a request may ask for (vLLM's option; -1: no limit)
         self.eos_token_ids = self.tokenizer.eos_token_ids
+        self._grammar_tokenizer = None  # llguidance's tokenizer, built when a request first asks for a grammar
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.rng = np.random.default_rng(seed)
@@ -147,10 +150,20 @@ class EngineCore:
         longest = check_request(ids, params, self.info())
         # it stops at `longest` tokens (a prompt that fills the context still gets one token)
         limit = max(longest, len(ids) + 1)
+        matcher = self._matcher(params.structured_outputs) if params.structured_outputs is not None else None
         group = SequenceGroup(request_id, [Sequence(request_id, ids, params, token_limit=limit,
-                                                    bad_words=request.bad_words_token_ids)])
+                                                    bad_words=request.bad_words_token_ids, matcher=matcher)])
         self.groups[request_id] = group
         self.scheduler.add(group)
+
+    def _matcher(self, structured: Any) -> Matcher:
+        """A matcher at the start of a request's grammar (its forks copy it). Builds llguidance's tokenizer the
+        first time: engines that never constrain output never pay for it."""
+        if self._grammar_tokenizer is None:
+            t0 = time.perf_counter()
+            self._grammar_tokenizer = build_tokenizer(self.tokenizer, self.config.vocab_size)
+            logger.info("built the structured-output tokenizer in %.2fs", time.perf_counter() - t0)
+        return Matcher.create(self._grammar_tokenizer, grammar_for(structured))
 
     def abort(self, request_id: str, index: int | None = None) -> bool:
         """Cancel a request (or only its sequence `index`: the front found a stop string in it); its blocks are
@@ -248,6 +261,11 @@ class EngineCore:
             group = self.groups[seq.request_id]
             if seq.params.beam_width > 1:
                 seq.pending_logprobs = log_softmax(logits[row])
+                if seq.matcher is not None:  # a beam's candidates are only the tokens its grammar allows
+                    masked = self.runner.xp.full_like(seq.pending_logprobs, -np.inf)
+                    allowed = self.runner.xp.asarray(seq.matcher.allowed())
+                    masked[allowed] = seq.pending_logprobs[allowed]
+                    seq.pending_logprobs = masked
                 beam_groups[group.request_id] = group
                 continue
             if seq.num_output_tokens == 0 and len(group.seqs) < seq.params.num_sequences:
@@ -324,6 +342,8 @@ class EngineCore:
                 if beam is not seq:
                     self.blocks.fork(seq, beam)
                 beam.token_ids.append(token)
+                if beam.matcher is not None:
+                    beam.matcher.consume(token)
                 beam.cumulative_logprob = score
                 beams.append(beam)
             if p not in kids:
@@ -333,8 +353,8 @@ class EngineCore:
             self.scheduler.finish(group, "length")
 
     def _append_token(self, seq: Sequence, token: int) -> None:
-        """Add a sampled token and decide whether the sequence is done (stop token, EOS, length; stop strings
-        are the front's)."""
+        """Add a sampled token and decide whether the sequence is done (stop token, EOS, a complete grammar,
+        length; stop strings are the front's)."""
         p = seq.params
         seq.token_ids.append(token)
         reason = None
@@ -342,6 +362,10 @@ class EngineCore:
             if token in p.stop_token_ids:
                 reason, seq.stop_reason = "stop", token
             elif not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+        if seq.matcher is not None and reason is None:
+            seq.matcher.consume(token)
+            if seq.matcher.is_stopped():  # the grammar is complete: only EOS could follow
                 reason = "stop"
         if reason is None and len(seq.token_ids) >= seq.token_limit:
             reason = "length"
@@ -477,6 +501,8 @@ def check_request(ids: list[int], params: SamplingParams, info: CoreInfo) -> int
         raise ValueError("the prompt is empty")
     check_token_ids("prompt", ids, info.vocab_size)
     params.verify_for_model(info.vocab_size, info.max_logprobs)
+    if params.structured_outputs is not None:
+        grammar_for(params.structured_outputs)  # refuses a schema, regex or grammar that does not compile
     if len(ids) > info.max_model_len:
         raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of {info.max_model_len} "
                          "tokens")

@@ -13,6 +13,7 @@ import numpy as np
 
 from cupaged.engine.protocol import TokenLogprobs
 from cupaged.sampling_params import SamplingParams
+from cupaged.structured import Matcher
 
 
 class SequenceStatus(enum.Enum):
@@ -31,7 +32,8 @@ PENDING_TOKEN = -1
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 token_limit: int | None = None, bad_words: list[list[int]] | None = None):
+                 token_limit: int | None = None, bad_words: list[list[int]] | None = None,
+                 matcher: Matcher | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -42,6 +44,7 @@ class Sequence:
         self.token_limit = token_limit
         self.params = params
         self.bad_words = bad_words or []             # token sequences never to complete (params.bad_words)
+        self.matcher = matcher                       # params.structured_outputs: where its output is in the grammar
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []            # prefix-cache hashes of the full blocks, in order
@@ -80,7 +83,7 @@ class Sequence:
     def fork(self, index: int) -> "Sequence":
         """A copy that continues independently (its blocks are shared through BlockManager.fork)."""
         child = Sequence(self.request_id, self.prompt_token_ids, self.params, token_limit=self.token_limit,
-                         bad_words=self.bad_words)
+                         bad_words=self.bad_words, matcher=self.matcher.copy() if self.matcher else None)
         child.token_ids = list(self.token_ids)
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status

@@ -9,7 +9,8 @@ import json
 import math
 from typing import Any
 
-from cupaged.sampling_params import SamplingParams
+from cupaged.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
+from cupaged.structured import grammar_for
 
 
 class ApiError(Exception):
@@ -67,9 +68,7 @@ def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | 
     for name in ("suffix", "tools", "functions"):
         _unsupported(body, name)
     _unsupported(body, "tool_choice", ("none", "auto"))
-    if field(body, "response_format", "object", {}).get("type", "text") != "text":
-        raise ApiError(400, "only the 'text' response_format is supported", "response_format",
-                       "unsupported_parameter")
+    structured = structured_outputs_from(body)
     if field(body, "echo", "bool", False) and body.get("logprobs") is not None:
         raise ApiError(400, "'echo' with 'logprobs' is not supported: the engine computes no prompt logprobs", "echo",
                        "unsupported_parameter")
@@ -123,11 +122,53 @@ def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | 
         include_stop_str_in_output=field(body, "include_stop_str_in_output", "bool", False),
         skip_special_tokens=field(body, "skip_special_tokens", "bool", True),
         logprobs=logprobs,
+        structured_outputs=structured,
     )
     try:
         return SamplingParams(**kwargs), max_tokens_field if max_tokens is not None else None
     except ValueError as exc:
         raise ApiError(400, str(exc), param_of(exc, chat)) from None
+
+
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def structured_outputs_from(body: dict) -> StructuredOutputsParams | None:
+    """The output constraint of a body: OpenAI's `response_format` (json_object, or json_schema with its schema;
+    strict or not, constrained decoding follows the schema) or vLLM's `structured_outputs` ({"json" | "regex" |
+    "choice" | "grammar" | "json_object": ...}). The schema, regex or grammar is compiled here, so that a bad one
+    is a 400 naming the field the client wrote."""
+    response_format = field(body, "response_format", "object", {})
+    extra = field(body, "structured_outputs", "object", None)
+    kind = response_format.get("type", "text")
+    if kind == "text" and extra is None:
+        return None
+    if kind != "text" and extra is not None:
+        raise ApiError(400, "give either 'response_format' or 'structured_outputs', not both", "structured_outputs")
+    name = "structured_outputs" if kind == "text" else "response_format"
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"response_format's type must be 'text', 'json_object' or 'json_schema', got "
+                            f"{json.dumps(kind)[:80]}", name, "invalid_value")
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ApiError(400, "response_format of type 'json_schema' needs 'json_schema': {\"name\": ..., "
+                                "\"schema\": {...}}, with the schema an object", name, "invalid_type")
+        given = {"json": spec["schema"]}
+    elif kind == "json_object":
+        given = {"json_object": True}
+    else:
+        unknown = sorted(set(extra) - set(_STRUCTURED_KEYS))
+        if unknown:
+            raise ApiError(400, f"structured_outputs: {', '.join(unknown)} not supported (give one of "
+                                f"{', '.join(_STRUCTURED_KEYS)})", name, "unsupported_parameter")
+        given = {k: v for k, v in extra.items() if v is not None}
+    try:
+        structured = StructuredOutputsParams(**given)
+        grammar_for(structured)
+    except SamplingParamsError as exc:
+        raise ApiError(400, str(exc), name) from None
+    return structured
 
 
 def param_of(exc: ValueError, chat: bool) -> str | None:
