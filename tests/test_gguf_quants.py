@@ -151,30 +151,42 @@ def test_q4_k_m_mix_follows_llama_cpp() -> None:
     assert qtype_for("token_embd.weight", (1031, 128), "q4_k_m", tiny) == "Q8_0"
 
 
-@pytest.mark.parametrize("preset", ["qwen3-tiny", "llama-tiny"])
-def test_q4_k_m_file_loads_as_gguf_decodes_it(tmp_path: Path, preset: str) -> None:
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("preset, mix, overrides", [
+    ("qwen3-tiny", "q4_k_m", {}), ("llama-tiny", "q4_k_m", {}), ("qwen2-tiny", "q8_0", {}),
+    ("llama3-tiny", "f32", {"rope_scaling": LLAMA3_ROPE})])
+def test_file_loads_as_gguf_decodes_it(tmp_path: Path, preset: str, mix: str, overrides: dict) -> None:
     """The file loads through open_checkpoint into LlamaModel, with exactly gguf's dequantization of each tensor
-    (llama's Q and K un-permuted). hidden_size 256: whole K-quant super-blocks in every row."""
+    (llama's Q and K un-permuted). hidden and intermediate sizes of whole K-quant super-blocks. Llama 3 rope scaling
+    goes through rope_freqs.weight (the loader knows original lengths of 2048 and up, not llama3-tiny's 64)."""
     import gguf
 
     from cupaged.checkpoint import open_checkpoint
     from cupaged.gguf import hf_tensor_name, unpermute_qk
     from cupaged.layers import reference
     from cupaged.models.llama import LlamaModel, expected_weights
-    from tools.make_gguf import make_gguf
+    from tools.make_gguf import FILE_TYPES, make_gguf
 
-    path = make_gguf(tmp_path / "m.gguf", preset, mix="q4_k_m", seed=3, hidden_size=256)
+    path = make_gguf(tmp_path / "m.gguf", preset, mix=mix, seed=3, hidden_size=256,
+                     intermediate_size=512, **overrides)
     config, tokenizer, read = open_checkpoint(path)
     assert (config.hidden_size, config.num_layers) == (256, 2)
+    assert config.rope_scaling == overrides.get("rope_scaling")
     weights = read(expected_weights(config), "float32")
     model = LlamaModel(config, weights, reference, np)
     assert model.embed.shape == (config.vocab_size, 256)
 
     reader = gguf.GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert {"Q4_K", "Q6_K", "F32"} <= set(types.values())
-    assert set(weights) == {hf_tensor_name(t.name) for t in reader.tensors}
-    for t in reader.tensors:
+    assert set(types.values()) == {"q4_k_m": {"Q4_K", "Q6_K", "F32"}, "q8_0": {"Q8_0", "F32"}, "f32": {"F32"}}[mix]
+    file_type = reader.fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == gguf.LlamaFileType[FILE_TYPES[mix]]
+    tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
+    assert set(weights) == {hf_tensor_name(t.name) for t in tensors}
+    for t in tensors:
         want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(x) for x in reversed(t.shape)))
         if preset.startswith("llama") and t.name.split(".")[-2] in ("attn_q", "attn_k"):
             want = unpermute_qk(want, config.num_heads if "attn_q" in t.name else config.num_kv_heads)

@@ -43,6 +43,7 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
 # llama.cpp's type for a matrix whose rows are not whole K-quant super-blocks
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 MIXES = ("f32", "q8_0", "q4_k_m")
+FILE_TYPES = {"f32": "ALL_F32", "q8_0": "MOSTLY_Q8_0", "q4_k_m": "MOSTLY_Q4_K_M"}  # general.file_type, as llama.cpp
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
 
 
@@ -170,6 +171,9 @@ def make_gguf(out: str | Path, preset: str, mix: str = "q4_k_m", seed: int = 0, 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), GGUF_ARCH[config["model_type"]])
+    writer.add_name(f"random {preset}")
+    writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[mix]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_metadata(writer, config, make_tokenizer(config))
 
     plan = [(name, shape, qtype_for(name, shape, mix, config)) for name, shape in gguf_tensors(config)]
