@@ -99,8 +99,8 @@ def test_k_quants_on_special_blocks(qtype: str) -> None:
     raw, back = roundtrip(rows, qtype)
     check(rows, qtype)
     assert (back[0] == 0).all()
-    for i, c in ((1, 0.7), (2, -3.5)):  # a constant block is within a fraction of a percent
-        np.testing.assert_allclose(back[i], c, rtol=2e-2 if qtype == "Q4_K" else 1e-2)
+    for i, c in ((1, 0.7), (2, -3.5)):  # a constant block is one grid end: only fp16 rounding is left
+        np.testing.assert_allclose(back[i], c, rtol=1e-3)
     big = np.abs(back[3, [3, 100, 255]] - outliers[[3, 100, 255]])
     assert (big <= 0.04 * 200).all()  # outliers are represented (within a step of the block's range), not clipped
 
