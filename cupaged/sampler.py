@@ -90,10 +90,15 @@ def _row_penalties(row: int, seq: Sequence, eos_ids: list[int]) -> RowPenalties:
         out.allowed = np.array(p.allowed_token_ids, np.int64)
     if seq.matcher is not None:  # computed on the host: the sequence's tokens so far are all there (no run-ahead)
         grammar = seq.matcher.allowed()
-        out.allowed = grammar if out.allowed is None else np.intersect1d(out.allowed, grammar)
+        both = grammar if out.allowed is None else np.intersect1d(out.allowed, grammar)
+        out.allowed = both if both.size else grammar  # allowed_token_ids the grammar never allows: it wins
     for word in seq.bad_words:  # its last token is banned where the sequence ends with the rest of it
         if len(word) == 1 or seq.token_ids[len(seq.token_ids) - len(word) + 1:] == word[:-1]:
             out.banned.append(word[-1])
+    if out.allowed is not None and out.banned and not np.setdiff1d(out.allowed, out.banned).size:
+        # every allowed token is banned (a complete grammar allows only EOS, before min_tokens): a row must keep a
+        # token to sample, and the constraint that says what may come wins over the bans
+        out.banned = []
     return out
 
 

@@ -166,6 +166,17 @@ def test_choice_gives_one_of_them(engine: LLMEngine) -> None:
     assert set(texts) <= set(choices) and len(set(texts)) > 1, texts
 
 
+def test_the_grammar_wins_over_bans_and_allowed_ids_that_leave_nothing(engine: LLMEngine) -> None:
+    """A complete grammar allows only EOS; min_tokens bans EOS; allowed_token_ids that the grammar never allows:
+    a row must keep a token to sample, and the grammar's is kept."""
+    choice = StructuredOutputsParams(choice=["yes", "no"])
+    outs = run(engine, [SamplingParams(temperature=1.0, seed=i, max_tokens=30, min_tokens=20, structured_outputs=choice)
+                        for i in range(3)]
+               + [SamplingParams(temperature=0, max_tokens=30, allowed_token_ids=[1000], structured_outputs=choice)])
+    for out in outs:
+        assert out.outputs[0].text in ("yes", "no") and out.outputs[0].finish_reason == "stop", out.outputs[0]
+
+
 def test_lark_grammar(engine: LLMEngine) -> None:
     grammar = r"""
         start: expr
