@@ -65,3 +65,19 @@ def teacher_forced_logits(model: LlamaModel, sequences: list[np.ndarray], prompt
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """Largest absolute difference over the largest magnitude of the expected values."""
     return float(np.max(np.abs(actual.astype(np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+def run_to_end(engine, limit: int = 2000) -> dict:
+    """Step an LLMEngine until nothing is left (at most `limit` steps: never a hang); the finished outputs by
+    request id, each request finished once."""
+    import pytest
+
+    done = {}
+    for _ in range(limit):
+        if not engine.has_unfinished_requests():
+            return done
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in done, "a request finished twice"
+                done[out.request_id] = out
+    pytest.fail("the engine did not finish its requests")

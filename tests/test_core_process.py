@@ -11,22 +11,12 @@ import pytest
 
 from cupaged import LLMEngine, SamplingParams
 from cupaged.config import ConfigError
+from tests.helpers import run_to_end
 
 
 @pytest.fixture(scope="module")
 def path(checkpoints):
     return str(checkpoints("qwen3-tiny"))
-
-
-def run(engine: LLMEngine, limit: int = 2000) -> dict:
-    done = {}
-    for _ in range(limit):
-        if not engine.has_unfinished_requests():
-            return done
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    pytest.fail("the engine did not finish its requests")
 
 
 def requests() -> list[tuple[list[int], SamplingParams]]:
@@ -42,7 +32,7 @@ def test_same_outputs_as_in_process(path) -> None:
             for i, (prompt, params) in enumerate(requests()):
                 engine.add_request(str(i), prompt, params)
             assert engine.abort("7") and not engine.abort("7")
-            done = run(engine)
+            done = run_to_end(engine)
             outputs.append({i: (o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
                             for i, o in done.items()})
             assert engine.stats.kv_blocks_used == 0 or in_its_own_process  # the core's stats after its last step
@@ -65,7 +55,7 @@ def test_the_core_s_death_ends_live_requests(path) -> None:
         engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=1000, ignore_eos=True))
         engine.step()
         os.kill(engine.core.pid, signal.SIGKILL)
-        done = run(engine)
+        done = run_to_end(engine)
         assert done["r"].outputs[0].finish_reason == "error" and "engine core" in done["r"].error
         with pytest.raises(RuntimeError, match="engine core"):
             engine.add_request("s", [5, 6, 7])

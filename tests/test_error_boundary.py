@@ -10,6 +10,7 @@ import pytest
 from cupaged import LLMEngine, SamplingParams
 from cupaged.config import ConfigError
 from cupaged.engine.core import DeviceLost
+from tests.helpers import run_to_end
 
 PRESET = "qwen3-tiny"
 
@@ -17,19 +18,6 @@ PRESET = "qwen3-tiny"
 @pytest.fixture(scope="module")
 def path(checkpoints):
     return str(checkpoints(PRESET))
-
-
-def run(engine: LLMEngine, limit: int = 500) -> dict:
-    """Step until nothing is left (at most `limit` steps: never a hang); the finished outputs by request id."""
-    done = {}
-    for _ in range(limit):
-        if not engine.has_unfinished_requests():
-            return done
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in done, "a request finished twice"
-                done[out.request_id] = out
-    pytest.fail("the engine did not finish its requests")
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(path, monkeypatch) -> None:
@@ -45,14 +33,14 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(path, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.core.runner, "run", failing_third)
-    done = run(engine)
+    done = run_to_end(engine)
     failed = {i for i, out in done.items() if out.outputs[0].finish_reason == "error"}
     assert failed == {"0", "1"} and all("a kernel failed" in done[i].error for i in failed)
     assert all(done[i].outputs[0].finish_reason == "length" and len(done[i].outputs[0].token_ids) == 8
                for i in ("2", "3"))
     assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
     engine.add_request("after", [9, 9, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    assert run(engine)["after"].outputs[0].finish_reason == "length"
+    assert run_to_end(engine)["after"].outputs[0].finish_reason == "length"
 
 
 def test_a_lost_device_stops_the_engine(path, monkeypatch) -> None:
@@ -85,7 +73,7 @@ def test_a_request_whose_text_cannot_be_made_ends_alone(path, monkeypatch) -> No
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     engine.add_request("bad", [5, 6, 999], params)  # the detokenizer's window holds the prompt's last tokens
     engine.add_request("good", [5, 6, 7], params)
-    done = run(engine)
+    done = run_to_end(engine)
     assert done["bad"].outputs[0].finish_reason == "error" and "cannot decode" in done["bad"].error
     assert done["good"].outputs[0].finish_reason == "length" and len(done["good"].outputs[0].token_ids) == 6
     assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
@@ -103,7 +91,7 @@ def test_parameters_that_need_the_model_are_checked_at_add_request(path, params,
     assert getattr(info.value, "field", field) == field
     assert not engine.has_unfinished_requests()
     engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=2))  # the id is free, the engine serves
-    assert run(engine)["r"].finished
+    assert run_to_end(engine)["r"].finished
 
 
 @pytest.mark.parametrize("options, message", [
