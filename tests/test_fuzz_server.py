@@ -168,11 +168,14 @@ def test_seeded_valid_requests_equal_the_offline_engine(fuzz_server: ServerProce
               suppress_health_check=list(HealthCheck))
     @given(valid_sampling)
     def one(body: dict) -> None:
-        status, reply = http("POST", f"{url}/v1/completions", dict(body, model=NAME), key=KEY)
+        # the tokens come back as "token_id:N" with logprobs 0 (vLLM's return_tokens_as_token_ids)
+        status, reply = http("POST", f"{url}/v1/completions", dict(body, model=NAME, logprobs=0,
+                                                                   return_tokens_as_token_ids=True), key=KEY)
         assert status == 200, reply
         params = {k: v for k, v in body.items() if k != "prompt"}
         offline = llm.generate([body["prompt"]], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
-        assert reply["choices"][0]["text"] == offline.text, (body, reply)
+        tokens = [int(t.removeprefix("token_id:")) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        assert tokens == offline.token_ids and reply["choices"][0]["text"] == offline.text, (body, reply)
 
     one()
 
