@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cupaged.engine.sequence import Sequence
-from cupaged.sampler import SamplingMetadata, apply_penalties, sample
+from cupaged.engine.sampling import sample, sampling_metadata
+from cupaged.sampler import apply_penalties
 from cupaged.sampling_params import SamplingParams
 
 V = 12
@@ -96,7 +97,7 @@ def test_penalties() -> None:
     seq = Sequence("p", [0, 1], SamplingParams(repetition_penalty=2.0, presence_penalty=0.5,
                                                       frequency_penalty=0.25, min_tokens=3, stop_token_ids=[3]))
     seq.token_ids += [2, 2]  # two output tokens
-    out = apply_penalties(logits.copy(), SamplingMetadata.from_sequences([seq], [], np.random.default_rng(0)).penalties)
+    out = apply_penalties(logits.copy(), sampling_metadata([seq], [], np.random.default_rng(0)).penalties)
     # token 0 (prompt, positive): /2; token 1 (prompt, negative): *2;
     # token 2 (output twice, positive): /2 then -0.5 presence -0.5 frequency; token 3 banned by min_tokens
     np.testing.assert_allclose(out[0, :3], [1.0, -4.0, 0.5 - 0.5 - 0.5])

@@ -34,7 +34,8 @@ from cupaged.engine.protocol import (CoreInfo, EngineCoreOutputs, EngineCoreRequ
 from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
-from cupaged.sampler import SamplingMetadata, log_softmax, record_logprobs, sample_on_device
+from cupaged.engine.sampling import record_logprobs, sampling_metadata
+from cupaged.sampler import log_softmax, sample_on_device
 from cupaged.sampling_params import SamplingParams, check_token_ids
 from cupaged.structured import Matcher, build_tokenizer, grammar_for
 
@@ -280,7 +281,7 @@ class EngineCore:
         if sample_seqs:
             if sample_rows != list(range(len(rows))):
                 logits = logits[self.runner.xp.asarray(np.array(sample_rows))]
-            meta = SamplingMetadata.from_sequences(sample_seqs, self.eos_token_ids, self.rng)
+            meta = sampling_metadata(sample_seqs, self.eos_token_ids, self.rng)
             launched.tokens = sample_on_device(logits, meta)
             launched.host = HostCopy(launched.tokens)
             if not launched.run_ahead:
