@@ -70,3 +70,21 @@ def test_no_chat_template_is_clear(checkpoints) -> None:
     tok.chat_template = None
     with pytest.raises(TokenizerError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_tokens_decoded_together_give_the_text_of_one_by_one(tokenizer: Tokenizer) -> None:
+    """add_many (a final_only request decodes its whole output at once) releases what add, token by token, does:
+    on real text and on random ids (byte tokens that form no character, special tokens, anything a random model
+    samples)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vocab = tokenizer.tokenizer.get_vocab_size()
+    sequences = [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
+    sequences += [rng.integers(0, vocab, int(rng.integers(1, 40))).tolist() for _ in range(200)]
+    prompt = tokenizer.encode("prefix", add_special_tokens=False)
+    for ids in sequences:
+        for skip in (True, False):
+            one_by_one = IncrementalDetokenizer(tokenizer, prompt, skip)
+            together = IncrementalDetokenizer(tokenizer, prompt, skip)
+            assert together.add_many(ids) == "".join(one_by_one.add(i) for i in ids), ids
