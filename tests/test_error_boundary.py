@@ -102,6 +102,9 @@ def test_parameters_that_need_the_model_are_checked_at_add_request(path, params,
     (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(num_kv_blocks=2.5), "num_kv_blocks"),
     (dict(max_logprobs=-2), "max_logprobs"),
+    (dict(max_logprobs="20"), "max_logprobs"),
+    (dict(num_kv_blocks=0), "num_kv_blocks"),
+    (dict(engine_core_process="yes"), "engine_core_process"),
     (dict(seed=-1), "seed"),
 ])
 def test_engine_options_that_cannot_work_are_refused(path, options, message) -> None:

@@ -68,3 +68,17 @@ def test_bad_words_never_appear(engine) -> None:
 def test_token_ids_outside_the_vocabulary_are_refused(engine, params, field) -> None:
     with pytest.raises(ValueError, match=field):
         engine.add_request("bad", [5, 6], SamplingParams(**params))
+
+
+@pytest.mark.parametrize("given, field", [
+    (dict(logit_bias=[1, 2]), "logit_bias"), (dict(logit_bias={1.5: 1}), "logit_bias"),
+    (dict(logit_bias={1: "up"}), "logit_bias"), (dict(logit_bias={1: float("nan")}), "logit_bias"),
+    (dict(logit_bias={1: -101}), "logit_bias"), (dict(allowed_token_ids="7"), "allowed_token_ids"),
+    (dict(allowed_token_ids=[7, 2.0]), "allowed_token_ids"), (dict(allowed_token_ids=[-1]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(bad_words="the"), "bad_words"),
+    (dict(bad_words=[b"the"]), "bad_words"), (dict(bad_words=[""]), "bad_words"),
+])
+def test_wrong_types_and_values_are_refused_naming_the_field(given, field) -> None:
+    with pytest.raises(ValueError, match=field) as info:
+        SamplingParams(**given)
+    assert info.value.field == field

@@ -30,6 +30,8 @@ class LLMEngine:
     """Engine options are EngineCore's (model, dtype, device, block_size, max_num_seqs, ...)."""
 
     def __init__(self, model: str, *, engine_core_process: bool = False, **options: object):
+        if not isinstance(engine_core_process, bool):
+            raise ValueError(f"engine_core_process must be True or False, got {engine_core_process!r}")
         if engine_core_process:
             self.core: EngineCore | CoreProcess = CoreProcess(model, options)
             info = self.core.info
