@@ -86,7 +86,7 @@ class StandInLLM(AsyncLLM):
         config, tokenizer, _ = open_checkpoint(model)
         self.client = StandInCore(config, tokenizer, config.max_position_embeddings)
         self.config, self.tokenizer = config, tokenizer
-        self.max_model_len, self.num_kv_blocks, self.block_size = config.max_position_embeddings, 1 << 20, 16
+        self.max_model_len = config.max_position_embeddings
         self.processor = OutputProcessor(tokenizer)
         self.stats = EngineStats()
         self.dead, self.on_dead, self._queues, self._reader = None, None, {}, None

@@ -38,8 +38,7 @@ class AsyncLLM:
         self.client = CoreProcess(model, engine_options, asyncio=True)
         info = self.client.info
         self.config, self.tokenizer = self.client.config, self.client.tokenizer
-        self.max_model_len, self.num_kv_blocks, self.block_size = (info.max_model_len, info.num_kv_blocks,
-                                                                   info.block_size)
+        self.max_model_len = info.max_model_len
         self.processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(kv_blocks_total=info.num_kv_blocks)
         self.dead: str | None = None

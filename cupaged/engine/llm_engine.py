@@ -36,15 +36,13 @@ class LLMEngine:
             self.core: EngineCore | CoreProcess = CoreProcess(model, options)
             info = self.core.info
             self.config, self.tokenizer = self.core.config, self.core.tokenizer
-            self.max_model_len, self.num_kv_blocks, self.block_size = (info.max_model_len, info.num_kv_blocks,
-                                                                       info.block_size)
+            self.max_model_len = info.max_model_len
             self.device, self.dtype = info.device, resolve_dtype(info.dtype)
             self._stats = EngineStats(kv_blocks_total=info.num_kv_blocks)
         else:
             self.core = EngineCore(model, **options)
             self.config, self.tokenizer = self.core.config, self.core.tokenizer
             self.max_model_len, self.device, self.dtype = self.core.max_model_len, self.core.device, self.core.dtype
-            self.num_kv_blocks, self.block_size = self.core.blocks.num_blocks, self.core.blocks.block_size
         self.in_process = not engine_core_process
         self.processor = OutputProcessor(self.tokenizer)
         self._dead: str | None = None
