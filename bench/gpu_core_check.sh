@@ -2,12 +2,12 @@
 # One device run for the engine core split: the engine's GPU tests, end-to-end throughput against the physical
 # floor (Qwen3-0.6B shape; the Llama-3-8B shape with BIG=1), the server against the same requests offline at
 # concurrency 64 (and 256 with BIG=1), batch-1 latency, and the server's fuzz and soak tests against the GPU engine.
-# FULL_SUITE=1 runs the whole GPU suite instead. pyzmq, msgspec and hypothesis travel as wheels in .whl/ when the
+# FULL_SUITE=1 runs the whole GPU suite instead. pyzmq, msgspec, hypothesis, llguidance, jsonschema and gguf travel as wheels in .whl/ when the
 # machine lacks them. Logs and JSON go to $OUT.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ! python3 -c "import zmq, msgspec, hypothesis" 2>/dev/null; then
+if ! python3 -c "import zmq, msgspec, hypothesis, llguidance, jsonschema, gguf" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=.:/tmp/site
 fi
