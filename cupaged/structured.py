@@ -7,7 +7,9 @@ before it leaves them), and turned into an `LLMatcher` per sequence by the core,
 rows fill a packed bitmask (llguidance's layout: int32 [rows, ceil(V / 32)], bit t % 32 of word t // 32 set when
 token t is allowed), in parallel on llguidance's threads; the sampler masks every other token of those rows (on
 the GPU inside the sampling kernel). After a token is appended the matcher consumes it; a stopped matcher ends
-its sequence.
+its sequence. A matcher only ever consumes tokens the host has processed, never one still on the device, so it
+needs no rollback: a token dropped after a stop was never consumed, and a preempted sequence recomputes the KV of
+tokens its matcher has already consumed.
 """
 
 from __future__ import annotations

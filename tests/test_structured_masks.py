@@ -126,3 +126,37 @@ def test_the_grammar_wins_over_bans_that_leave_nothing(grammar_tokenizer) -> Non
     assert penalties.banned == [] and penalties.allowed is None
     tokens = sample_on_device(np.zeros((1, vocab), np.float32), meta)
     assert int(tokens[0]) in eos
+
+
+def test_constrained_steps_queue_the_forward_before_processing_and_sampling_after(checkpoints, monkeypatch) -> None:
+    """With async scheduling, a step with constrained rows runs its forward, then processes the step before (the
+    matchers consume its tokens), then fills its masks; steps without constrained rows fill none."""
+    from cupaged import LLMEngine
+    from cupaged.engine import core as core_module
+
+    engine = LLMEngine(str(checkpoints("qwen3-tiny")), device="cpu", num_kv_blocks=64)
+    core, events = engine.core, []
+
+    def logged(name: str, call):
+        def wrapper(*args):
+            events.append(name)
+            return call(*args)
+        return wrapper
+
+    monkeypatch.setattr(core, "_process", logged("P", core._process))
+    monkeypatch.setattr(core.runner, "run", logged("F", core.runner.run))
+    monkeypatch.setattr(core_module, "grammar_masks", logged("M", core_module.grammar_masks))
+
+    engine.add_request("free", [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert "M" not in events and core.num_masked_steps == 0 and core.timings["masks"] == 0
+    events.clear()
+    engine.add_request("json", [5, 6, 7], SamplingParams(temperature=0, max_tokens=40, structured_outputs=
+                                                         StructuredOutputsParams(json={"type": "array", "minItems": 8,
+                                                                                       "items": {"type": "integer"}})))
+    while engine.has_unfinished_requests():
+        engine.step()
+    order = "".join(events)
+    assert order.startswith("FM") and order.count("FPM") > 10, order  # run ahead: step n+1's forward, step n, masks
+    assert core.num_masked_steps == order.count("M") and core.timings["masks"] > 0

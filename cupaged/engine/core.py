@@ -34,7 +34,7 @@ from cupaged.engine.protocol import (CoreInfo, EngineCoreOutputs, EngineCoreRequ
 from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
-from cupaged.engine.sampling import grammar_masks, record_logprobs, sampling_metadata
+from cupaged.engine.sampling import GrammarMasks, grammar_masks, record_logprobs, sampling_metadata
 from cupaged.sampler import log_softmax, mask_tokens, sample_on_device
 from cupaged.sampling_params import SamplingParams, check_token_ids
 from cupaged.structured import Matcher, build_tokenizer, grammar_for
@@ -300,7 +300,7 @@ class EngineCore:
         if launched.beam_rows:
             beams = [seq for seq, _ in launched.beam_rows]
             logprobs = log_softmax(logits[xp.asarray(np.array([row for _, row in launched.beam_rows]))])
-            masks = self._grammar_masks(beams)
+            masks = self._grammar_masks(beams) if launched.constrained else None
             if masks is not None:  # a beam's candidates are only the tokens its grammar allows
                 mask_tokens(logprobs, *masks)
             for j, seq in enumerate(beams):
@@ -309,7 +309,8 @@ class EngineCore:
         if seqs:
             if launched.sample_rows != list(range(len(logits))):
                 logits = logits[xp.asarray(np.array(launched.sample_rows))]
-            meta = sampling_metadata(seqs, self.eos_token_ids, self.rng, self._grammar_masks(seqs))
+            masks = self._grammar_masks(seqs) if launched.constrained else None
+            meta = sampling_metadata(seqs, self.eos_token_ids, self.rng, masks)
             launched.tokens = sample_on_device(logits, meta)
             launched.host = HostCopy(launched.tokens)
             if not launched.run_ahead:
@@ -321,10 +322,8 @@ class EngineCore:
         if self.trace is not None and self.device == "cuda":
             self.trace_events[-1][1].record()  # after the sampling kernel and the copy of its tokens
 
-    def _grammar_masks(self, seqs: list[Sequence]) -> Any:
+    def _grammar_masks(self, seqs: list[Sequence]) -> GrammarMasks | None:
         """grammar_masks(seqs), its host time counted in timings["masks"]."""
-        if not any(s.matcher is not None for s in seqs):
-            return None
         t0 = time.perf_counter()
         masks = grammar_masks(seqs)
         self.timings["masks"] += time.perf_counter() - t0
