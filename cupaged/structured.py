@@ -105,10 +105,19 @@ def _executor() -> llguidance.LLExecutor:
     return llguidance.LLExecutor()
 
 
+_buffer = np.zeros((0, 0), np.int32)  # fill_bitmasks' rows, kept between steps
+
+
 def fill_bitmasks(matchers: list[Matcher]) -> np.ndarray:
     """The packed masks of the tokens each matcher allows next: int32 [len(matchers), ceil(V / 32)], row i for
-    matchers[i] (a complete grammar allows EOS alone)."""
-    bitmask = llguidance.numpy.allocate_token_bitmask(len(matchers), matchers[0].vocab_size)
+    matchers[i] (a complete grammar allows EOS alone). llguidance writes every word of a row, so the rows live in a
+    buffer kept from call to call (128 rows of a 151,936-token vocabulary are 2.4 MB: not allocated and cleared each
+    step): they hold until the next call, which the engine's single thread reaches only after using them."""
+    global _buffer
+    words = -(-matchers[0].vocab_size // 32)
+    if _buffer.shape[0] < len(matchers) or _buffer.shape[1] != words:
+        _buffer = np.empty((max(len(matchers), 2 * _buffer.shape[0]), words), np.int32)
+    bitmask = _buffer[:len(matchers)]
     llguidance.numpy.fill_next_token_bitmask_par(_executor(), [(m._matcher, i) for i, m in enumerate(matchers)],
                                                  bitmask)
     return bitmask
