@@ -7,7 +7,8 @@
 
 The workload is nano-vllm's (bench/workload.py: 256 requests, prompts and outputs of 100-1024 tokens), run twice
 in the same engine: first with no constraint, then with half of the requests (every other one) constrained by a
-JSON schema. The target: output tok/s of the constrained run >= 0.85 x the unconstrained one's.
+JSON schema. The target: output tok/s of the constrained run >= 0.85 x the unconstrained one's. Prefix caching is
+off, or the second run would find its prompts cached by the first.
 
 Fair by construction: a random model ends a constrained request as soon as its grammar is complete, so each schema
 here is an array whose minItems is the request's max_tokens (every item takes at least one token): a constrained
@@ -152,8 +153,9 @@ def main(model: str | None, preset: str | None, num_requests: int, scale: int, d
         raise click.UsageError("give either --model or --preset")
     if num_requests < 2:
         raise click.UsageError("--num-requests must be at least 2: half of them are constrained")
+    # no prefix caching: the second run's prompts are the first's, and would skip their prefills
     options = dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
-                   async_scheduling=not sync_scheduling)
+                   async_scheduling=not sync_scheduling, enable_prefix_caching=False)
     with contextlib.ExitStack() as stack:
         if preset:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cupaged-bench-"))
