@@ -339,12 +339,34 @@ def test_forced_calls_match_the_tools_schema(server: ServerProcess, choice: str,
 
 
 def test_parallel_forced_calls_are_each_valid(server: ServerProcess) -> None:
+    finished = 0
     for seed in range(3):
         content, calls, finish = ask(client_of(server), False, tools=TOOLS, tool_choice="required", temperature=1.0,
                                      seed=seed, max_tokens=400)
         if finish == "tool_calls":  # a random model may go on calling until its budget ends
             check_calls(calls, {"get_weather", "now"})
             assert content is None
+            finished += 1
+    assert finished
+
+
+def test_each_of_n_streamed_choices_gets_its_own_calls(server: ServerProcess) -> None:
+    calls: dict[int, dict[int, list[str]]] = {0: {}, 1: {}}
+    finish = {}
+    for chunk in client_of(server).chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, n=2, seed=1, temperature=1.0,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False,
+            max_tokens=120, stream=True):
+        for choice in chunk.choices:
+            assert not choice.delta.content
+            for entry in choice.delta.tool_calls or []:
+                got = calls[choice.index].setdefault(entry.index, [entry.function.name, ""])
+                got[1] += entry.function.arguments or ""
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    for index in (0, 1):
+        assert list(calls[index]) == [0] and calls[index][0][0] == "get_weather"
+        jsonschema.validate(json.loads(calls[index][0][1]), SCHEMAS["get_weather"])
 
 
 def test_streamed_and_whole_replies_agree(server: ServerProcess) -> None:

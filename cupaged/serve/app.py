@@ -407,17 +407,16 @@ class Server:
                         continue
                     choice: dict[str, Any] = {"index": c.index}
                     finish_reason = c.finish_reason
-                    if chat and parsers:
-                        parser = parsers[c.index]
-                        delta = parser.finish(c.text) if last else parser.feed(c.text)
-                        if last and parser.calls:
-                            finish_reason = _with_calls(finish_reason)
-                        choice["delta"] = {k: v for k, v in (("content", delta.content),
-                                                             ("tool_calls", delta.tool_calls)) if v}
-                        choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs or [], as_ids)} \
-                            if want else None
-                    elif chat:
-                        choice["delta"] = {"content": c.text} if c.text or not last else {}
+                    if chat:
+                        if parsers:
+                            parser = parsers[c.index]
+                            delta = parser.finish(c.text) if last else parser.feed(c.text)
+                            if last and parser.calls:
+                                finish_reason = _with_calls(finish_reason)
+                            choice["delta"] = {k: v for k, v in (("content", delta.content),
+                                                                 ("tool_calls", delta.tool_calls)) if v}
+                        else:
+                            choice["delta"] = {"content": c.text} if c.text or not last else {}
                         choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs or [], as_ids)} \
                             if want else None
                     else:

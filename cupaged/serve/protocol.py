@@ -67,8 +67,10 @@ def sampling_params_from(body: dict, chat: bool, forced: StructuredOutputsParams
     if best_of is not None and best_of > n and field(body, "stream", "bool", False):
         raise ApiError(400, "best_of must equal n when streaming: which n samples are best is known only at the end",
                        "best_of")
-    for name in ("suffix", "functions") if chat else ("suffix", "functions", "tools", "tool_choice"):
+    for name in ("suffix", "functions") if chat else ("suffix", "functions", "tools"):
         _unsupported(body, name)
+    if not chat:  # a chat's tool_choice is checked with its tools (serve/tool_calls.py)
+        _unsupported(body, "tool_choice", ("none", "auto"))
     structured = structured_outputs_from(body)
     if forced is not None:
         if structured is not None:

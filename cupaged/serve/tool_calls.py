@@ -10,7 +10,7 @@ Two output formats, picked from the chat template:
 A template that does not use `tools` at all (SmolLM2's) gets the tools as a Hermes-style system message, and the
 history's tool calls and results as text in the same format, so the model sees what it would have written.
 
-`ToolCallParser` is one state machine for both the streamed and the whole reply: a whole reply is fed at once,
+`ToolCallParser` is one state machine for both the streamed and the whole reply: a whole reply comes in one piece,
 so every call in it is complete and is checked as a whole (malformed markup stays content); a stream commits to
 a call as soon as its name is known and then streams the raw text of its arguments, as they arrive. A call's
 `arguments` is the model's own JSON text of the arguments object, so the streamed fragments concatenate to
