@@ -75,8 +75,10 @@ class Tokenizer:
             text = texts[token_id] = self.decode([token_id], skip_special_tokens)
         return text
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render the checkpoint's chat template (jinja2, sandboxed, as transformers renders it)."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render the checkpoint's chat template (jinja2, sandboxed, as transformers renders it). `tools` (OpenAI's
+        function definitions) are passed to templates that take them; without them `tools` stays undefined."""
         if not self.chat_template:
             raise TokenizerError("this checkpoint has no chat template; pass plain prompts instead of --chat")
         from jinja2.exceptions import TemplateError
@@ -88,10 +90,11 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
+        extra = {"tools": tools} if tools is not None else {}
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "")
+                eos_token=self.eos_token or "", **extra)
         except TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from None
 
@@ -106,9 +109,9 @@ class Tokenizer:
                     out.append(ids)
         return out
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation ready for the assistant's reply (the template adds BOS itself)."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from cupaged.options import ENGINE_OPTIONS, engine_kwargs, model_path, setup_log
 from cupaged.sampling_params import SamplingParams
 from cupaged.serve.metrics import Metrics
 from cupaged.serve.protocol import ApiError, chat_messages, completion_prompt, field, param_of, sampling_params_from
+from cupaged.serve.tool_calls import ToolCallParser, forced_call_grammar, parse_reply, template_messages, \
+    tool_format, tool_request_from
 
 logger = logging.getLogger(__name__)
 
@@ -218,17 +220,24 @@ class Server:
         body = await self._json(request)
         self._check_model(body)
         messages = chat_messages(body)
-        params, given = sampling_params_from(body, chat=True)
+        tools = tool_request_from(body)
+        template = self.engine.tokenizer.chat_template
+        fmt = tool_format(template)
+        forced = forced_call_grammar(tools, fmt) if tools is not None else None
+        params, given = sampling_params_from(body, chat=True, forced=forced)
+        messages, template_tools = template_messages(messages, tools, template)
         try:
-            ids = await self._encode(self.engine.tokenizer.encode_chat, messages)
+            ids = await self._encode(self.engine.tokenizer.encode_chat, messages, template_tools)
         except ValueError as exc:  # no chat template, or the template refused the conversation
             raise ApiError(400, str(exc), "messages") from None
         self._limit_tokens(ids, params, given, chat=True)
-        return await self._generate(request, body, ids, params, chat=True)
+        return await self._generate(request, body, ids, params, chat=True,
+                                    tool_format=fmt if tools is not None and tools.parses else None)
 
     # -- generation ------------------------------------------------------------------------------------------
     async def _generate(self, request: Any, body: dict, ids: list[int], params: SamplingParams, chat: bool,
-                        echo: str | None = None) -> Any:
+                        echo: str | None = None, tool_format: str | None = None) -> Any:
+        """`tool_format`: parse tool calls of this format (serve/tool_calls.py) out of the replies."""
         stream = field(body, "stream", "bool", False)
         options = field(body, "stream_options", "object", {}) or {}
         include_usage = bool(options.get("include_usage")) if stream else False
@@ -254,8 +263,9 @@ class Server:
         self.idle.clear()
         try:
             if stream:
-                return await self._stream(request, live, outputs, chat, include_usage, params, as_ids, echo)
-            return await self._collect(live, outputs, chat, params, as_ids, echo)
+                return await self._stream(request, live, outputs, chat, include_usage, params, as_ids, echo,
+                                          tool_format)
+            return await self._collect(live, outputs, chat, params, as_ids, echo, tool_format)
         finally:
             # the client went away (the handler is cancelled), or a bug: free the request's blocks
             if not live.finished:
@@ -312,7 +322,7 @@ class Server:
         return None
 
     async def _collect(self, live: _Live, outputs: Any, chat: bool, params: SamplingParams, as_ids: bool,
-                       echo: str | None) -> Any:
+                       echo: str | None, tool_format: str | None) -> Any:
         from aiohttp import web
 
         async for out in outputs:  # one output, when the request finishes ("final_only")
@@ -324,13 +334,20 @@ class Server:
         choices = []
         for c in out.outputs:
             choice: dict[str, Any] = {"index": c.index}
+            finish_reason = c.finish_reason
             if chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
+                if tool_format is not None:
+                    content, calls = parse_reply(c.text, tool_format)
+                    choice["message"]["content"] = content
+                    if calls:
+                        choice["message"]["tool_calls"] = [call.to_openai() for call in calls]
+                        finish_reason = _with_calls(finish_reason)
                 choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs or [], as_ids)} if want else None
             else:
                 choice["text"] = (echo or "") + c.text
                 choice["logprobs"] = self._completion_logprobs(c.logprobs or [], 0, as_ids)[0] if want else None
-            choice["finish_reason"] = c.finish_reason
+            choice["finish_reason"] = finish_reason
             choice["stop_reason"] = c.stop_reason
             choices.append(choice)
         return web.json_response({
@@ -338,15 +355,18 @@ class Server:
             "created": int(time.time()), "model": self.model_name, "choices": choices, "usage": self._usage(live)})
 
     async def _stream(self, request: Any, live: _Live, outputs: Any, chat: bool, include_usage: bool,
-                      params: SamplingParams, as_ids: bool, echo: str | None) -> Any:
+                      params: SamplingParams, as_ids: bool, echo: str | None, tool_format: str | None) -> Any:
         """Server-sent events: a chunk for each completion that brought tokens in a step (text or not, as vLLM
-        streams, so a client sees each token's timing), its last one with its finish reason; then [DONE]."""
+        streams, so a client sees each token's timing), its last one with its finish reason; then [DONE]. With
+        `tool_format`, each completion's text goes through a ToolCallParser: calls stream as `delta.tool_calls`,
+        and their markup never reaches `delta.content`."""
         from aiohttp import web
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         offsets: dict[int, int] = {}
         finished: set[int] = set()  # completions whose last chunk went out
+        parsers = {i: ToolCallParser(tool_format) for i in range(params.n)} if tool_format is not None else {}
         base = {"id": live.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
         want = params.logprobs is not None
@@ -382,19 +402,28 @@ class Server:
                     last = c.finish_reason is not None
                     if c.index in finished or (not c.token_ids and not last):
                         continue
-                    if params.n == 1 and not want and not last:
+                    if params.n == 1 and not want and not last and not parsers:
                         chunks.append(head + json.dumps(c.text, ensure_ascii=False).encode() + tail)
                         continue
                     choice: dict[str, Any] = {"index": c.index}
+                    finish_reason = c.finish_reason
                     if chat:
-                        choice["delta"] = {"content": c.text} if c.text or not last else {}
+                        if parsers:
+                            parser = parsers[c.index]
+                            delta = parser.finish(c.text) if last else parser.feed(c.text)
+                            if last and parser.calls:
+                                finish_reason = _with_calls(finish_reason)
+                            choice["delta"] = {k: v for k, v in (("content", delta.content),
+                                                                 ("tool_calls", delta.tool_calls)) if v}
+                        else:
+                            choice["delta"] = {"content": c.text} if c.text or not last else {}
                         choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs or [], as_ids)} \
                             if want else None
                     else:
                         choice["text"] = c.text
                         choice["logprobs"], offsets[c.index] = self._completion_logprobs(
                             c.logprobs or [], offsets.get(c.index, 0), as_ids) if want else (None, 0)
-                    choice["finish_reason"] = c.finish_reason
+                    choice["finish_reason"] = finish_reason
                     if last:
                         choice["stop_reason"] = c.stop_reason
                         finished.add(c.index)
@@ -425,6 +454,11 @@ class Server:
             await asyncio.wait_for(self.idle.wait(), timeout=10)
         except asyncio.TimeoutError:
             logger.error("%d request(s) did not end after their abort", len(self.active))
+
+
+def _with_calls(finish_reason: str | None) -> str | None:
+    """OpenAI's finish reason of a reply that made tool calls: "tool_calls" where the model stopped by itself."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -58,17 +58,26 @@ def _unsupported(body: dict, name: str, allowed: tuple = ()) -> None:
         raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
 
 
-def sampling_params_from(body: dict, chat: bool) -> tuple[SamplingParams, str | None]:
-    """SamplingParams for an OpenAI request body, and the field that set max_tokens (None: not given)."""
+def sampling_params_from(body: dict, chat: bool, forced: StructuredOutputsParams | None = None
+                         ) -> tuple[SamplingParams, str | None]:
+    """SamplingParams for an OpenAI request body, and the field that set max_tokens (None: not given). `forced` is
+    the grammar of a tool call the request's tool_choice requires (serve/tool_calls.py)."""
     n = field(body, "n", "int", 1)
     best_of = field(body, "best_of", "int", None)
     if best_of is not None and best_of > n and field(body, "stream", "bool", False):
         raise ApiError(400, "best_of must equal n when streaming: which n samples are best is known only at the end",
                        "best_of")
-    for name in ("suffix", "tools", "functions"):
+    for name in ("suffix", "functions") if chat else ("suffix", "functions", "tools"):
         _unsupported(body, name)
-    _unsupported(body, "tool_choice", ("none", "auto"))
+    if not chat:  # a chat's tool_choice is checked with its tools (serve/tool_calls.py)
+        _unsupported(body, "tool_choice", ("none", "auto"))
     structured = structured_outputs_from(body)
+    if forced is not None:
+        if structured is not None:
+            raise ApiError(400, "a tool_choice that forces a call ('required' or a named function) constrains the "
+                                "output to that call: it cannot be combined with 'response_format' or "
+                                "'structured_outputs'", "tool_choice", "invalid_value")
+        structured = forced
     if field(body, "echo", "bool", False) and body.get("logprobs") is not None:
         raise ApiError(400, "'echo' with 'logprobs' is not supported: the engine computes no prompt logprobs", "echo",
                        "unsupported_parameter")
@@ -179,8 +188,10 @@ def param_of(exc: ValueError, chat: bool) -> str | None:
     return {"logprobs": "top_logprobs" if chat else "logprobs"}.get(name, name)
 
 
-def chat_messages(body: dict) -> list[dict[str, str]]:
-    """OpenAI messages as {"role", "content": str} for the chat template (text content parts are joined)."""
+def chat_messages(body: dict) -> list[dict[str, Any]]:
+    """OpenAI messages as {"role", "content": str} for the chat template (text content parts are joined); a `tool`
+    message keeps its "tool_call_id", an assistant message its "tool_calls" (checked: each arguments string is
+    a JSON object, which templates are given)."""
     messages = field(body, "messages", "list", None)
     if not messages:
         raise ApiError(400, "'messages' must be a non-empty array", "messages", "invalid_type")
@@ -202,7 +213,38 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
             raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", "messages",
                            "invalid_type")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise ApiError(400, f"messages[{i}] of role 'tool' needs a string 'tool_call_id'", "messages",
+                               "invalid_type")
+            message["tool_call_id"] = m["tool_call_id"]
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = _history_tool_calls(m["tool_calls"], i)
+        out.append(message)
+    return out
+
+
+def _history_tool_calls(calls: Any, i: int) -> list[dict]:
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where} must be an array", "messages", "invalid_type")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments"), str):
+            raise ApiError(400, f"{where}[{j}] must be {{\"id\": ..., \"type\": \"function\", \"function\": "
+                                f"{{\"name\": string, \"arguments\": string}}}}", "messages", "invalid_type")
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ApiError(400, f"{where}[{j}].function.arguments must be a JSON object's text", "messages",
+                           "invalid_value")
+        out.append({"id": str(call.get("id", "")), "type": "function",
+                    "function": {"name": function["name"], "arguments": function["arguments"]}})
     return out
 
 
