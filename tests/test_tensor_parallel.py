@@ -20,7 +20,7 @@ from cupaged.layers import reference
 from cupaged.models.llama import LlamaModel, expected_weights
 from cupaged.parallel.comm import RankFailed, ThreadGroup
 from cupaged.parallel.sharding import RankShard, TensorParallelError, check_tp, padded_vocab_size
-from helpers import TINY_PRESETS, relative_error, teacher_forced_logits
+from helpers import TINY_PRESETS, relative_error, run_to_end, teacher_forced_logits
 
 
 def load(checkpoints, preset: str):
@@ -130,6 +130,28 @@ def test_engine_greedy_tokens_equal_tp1_with_prefix_caching_and_preemption(check
     assert stats.num_preemptions > 0, "the cache was meant to be too small: preemption must happen"
     assert stats.num_cached_tokens > 0, "the shared prefixes were meant to hit the prefix cache"
     assert got == want
+
+
+def test_a_rank_failing_mid_step_fails_its_requests_and_the_engine_goes_on(checkpoints, monkeypatch) -> None:
+    engine = LLMEngine(str(checkpoints("qwen3-tiny")), device="cpu", num_kv_blocks=32, max_num_seqs=2,
+                       async_scheduling=False, tensor_parallel_size=2)
+    for i in range(4):  # two run, two wait
+        engine.add_request(str(i), [5 + i, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    rank1 = engine.core.runner.ranks[1].model
+    real, calls = rank1.attention_outputs, []
+
+    def failing_third(*args, **kwargs):  # rank 0 is then waiting in the all-reduce after o-proj
+        calls.append(1)
+        if len(calls) == 5:  # the third step, second layer
+            raise RuntimeError("rank 1 failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rank1, "attention_outputs", failing_third)
+    done = run_to_end(engine)
+    failed = {i for i, out in done.items() if out.outputs[0].finish_reason == "error"}
+    assert failed == {"0", "1"} and all("rank 1 failed" in done[i].error for i in failed)
+    assert all(len(done[i].outputs[0].token_ids) == 6 for i in ("2", "3"))
+    assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
 
 
 def test_cli_option(checkpoints) -> None:

@@ -140,7 +140,7 @@ class LlamaModel:
         local = input_ids - self.shard.vocab_start
         mine = (local >= 0) & (local < self.embed.shape[0])
         rows = self.embed[self.xp.where(mine, local, 0)]
-        return self.shard.comm.all_reduce(self.xp.where(mine[:, None], rows, rows.dtype.type(0)))
+        return self.shard.comm.all_reduce(self.xp.where(mine[:, None], rows, 0))
 
     def all_reduce(self, partial: Array) -> Array:
         """The sum over ranks of a row-parallel projection's partial outputs (itself when there is one rank)."""

@@ -9,8 +9,8 @@ holds (`RankShard.config`), so the one LlamaModel loads and runs it unchanged:
   intermediate columns.
 - vocabulary-parallel: embed_tokens and lm_head by vocabulary rows. A vocabulary that tp does not divide is
   padded with zero rows up to a multiple of tp (the padded logits are cut after the all-gather), rather than
-  refused: the tiny test models and many real ones (Llama 2's 32000 is fine, but odd sizes exist) would
-  otherwise not run at every tp.
+  refused, as vLLM pads it: a vocabulary of odd size (the tiny test models' 1031, a fine-tune's added tokens)
+  would otherwise run at no tp > 1.
 - replicated: every norm (Qwen3's per-head q/k norms included).
 Key/value heads: with at least tp of them, each rank holds num_kv_heads / tp. With fewer, each rank holds the
 one its query heads attend with (replicated over tp / num_kv_heads ranks), which needs tp to be a multiple of
