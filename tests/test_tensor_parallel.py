@@ -107,13 +107,9 @@ def greedy_tokens(path, tp: int, prompts: list[list[int]], max_tokens: int) -> t
                        tensor_parallel_size=tp)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-    done = {}
-    for _ in range(2000):
-        if not engine.has_unfinished_requests():
-            break
-        done.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+    done = run_to_end(engine)
     assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
-    return [done[str(i)] for i in range(len(prompts))], engine
+    return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))], engine
 
 
 @pytest.mark.parametrize("preset, tp", [("qwen2-tiny", 2), ("llama3-tiny", 4)])
