@@ -32,6 +32,9 @@ ENGINE_OPTIONS = [
                  help="KV-cache blocks to allocate, instead of sizing the cache from memory."),
     click.option("--max-logprobs", type=click.IntRange(min=-1), default=20, show_default=True,
                  help="The most logprobs a request may ask for (-1: no limit)."),
+    click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Ranks to split the model over (heads, MLP rows and vocabulary), as vLLM's option; on the CPU "
+                      "they are threads of one process."),
     click.option("--enforce-eager", is_flag=True,
                  help="Run every step op by op instead of replaying CUDA graphs (same output, slower)."),
     click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
@@ -66,7 +69,8 @@ def engine_kwargs(o: dict) -> dict:
                 max_model_len=o["max_model_len"], block_size=int(o["block_size"]), max_num_seqs=o["max_num_seqs"],
                 max_num_batched_tokens=o["max_num_batched_tokens"],
                 gpu_memory_utilization=o["gpu_memory_utilization"], seed=o["seed"],
-                enforce_eager=o["enforce_eager"], max_logprobs=o["max_logprobs"], num_kv_blocks=o["num_kv_blocks"])
+                enforce_eager=o["enforce_eager"], max_logprobs=o["max_logprobs"], num_kv_blocks=o["num_kv_blocks"],
+                tensor_parallel_size=o["tensor_parallel_size"])
 
 
 def model_path(o: dict) -> str:

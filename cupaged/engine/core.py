@@ -34,6 +34,8 @@ from cupaged.engine.protocol import (CoreInfo, EngineCoreOutputs, EngineCoreRequ
 from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
+from cupaged.parallel.sharding import check_tp, gpu_count
+from cupaged.parallel.tp_runner import TensorParallelRunner
 from cupaged.engine.sampling import GrammarMasks, grammar_masks, record_logprobs, sampling_metadata
 from cupaged.sampler import log_softmax, mask_tokens, sample_on_device
 from cupaged.sampling_params import SamplingParams, check_token_ids
@@ -82,7 +84,7 @@ class EngineCore:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
-                 async_scheduling: bool = True, max_logprobs: int = 20):
+                 async_scheduling: bool = True, max_logprobs: int = 20, tensor_parallel_size: int = 1):
         check_engine_options(block_size=block_size, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
                              cpu_kv_cache_bytes=cpu_kv_cache_bytes, num_kv_blocks=num_kv_blocks, seed=seed,
@@ -95,14 +97,17 @@ class EngineCore:
         t0 = time.perf_counter()
         self.config, self.tokenizer, read_tensors = open_checkpoint(model)
         check_runnable(self.config, self.device, self.dtype, cuda_graphs=not enforce_eager)
+        check_tp(self.config, tensor_parallel_size, gpu_count(self.device))
         model_len = resolve_max_model_len(self.config, max_model_len)
         if load_format == "dummy":
             tensors = dummy_weights(expected_weights(self.config), self.dtype, xp, seed)
         else:
             tensors = read_tensors(expected_weights(self.config), self.dtype.name)
         max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
-        self.runner = ModelRunner(self.config, tensors, self.dtype, self.device, xp, block_size,
-                                  max_num_batched_tokens, model_len, max_num_seqs)
+        runner_args = (self.config, tensors, self.dtype, self.device, xp, block_size, max_num_batched_tokens,
+                       model_len, max_num_seqs)
+        self.runner = ModelRunner(*runner_args) if tensor_parallel_size == 1 else \
+            TensorParallelRunner(tensor_parallel_size, *runner_args)
         del tensors
         num_blocks = num_kv_blocks or self.runner.profile_num_blocks(gpu_memory_utilization, cpu_kv_cache_bytes)
         if num_blocks * block_size < model_len:

@@ -27,7 +27,7 @@ __all__ = ["LLMEngine", "RequestOutput", "CompletionOutput", "Logprob", "EngineS
 
 
 class LLMEngine:
-    """Engine options are EngineCore's (model, dtype, device, block_size, max_num_seqs, ...)."""
+    """Engine options are EngineCore's (model, dtype, device, block_size, max_num_seqs, tensor_parallel_size, ...)."""
 
     def __init__(self, model: str, *, engine_core_process: bool = False, **options: object):
         if not isinstance(engine_core_process, bool):

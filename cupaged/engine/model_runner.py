@@ -22,6 +22,7 @@ from cupaged.engine.piecewise_graphs import PiecewiseSteps
 from cupaged.kv_cache import AttentionMetadata, KVCache
 from cupaged.layers import ops_for
 from cupaged.models.llama import LlamaModel
+from cupaged.parallel.sharding import RankShard
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,12 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype, device: str,
                  xp: ModuleType, block_size: int, max_num_batched_tokens: int, max_model_len: int,
-                 max_num_seqs: int):
+                 max_num_seqs: int, shard: RankShard | None = None):
+        """`shard`: this runner is one rank of a tensor-parallel model (parallel/tp_runner.py), and config and
+        tensors are the rank's."""
         self.config, self.dtype, self.device, self.xp = config, dtype, device, xp
         self.block_size = block_size
-        self.model = LlamaModel(config, tensors, ops_for(device), xp, max_positions=max_model_len)
+        self.model = LlamaModel(config, tensors, ops_for(device), xp, max_positions=max_model_len, shard=shard)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.cache: KVCache | None = None

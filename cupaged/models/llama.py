@@ -5,17 +5,25 @@ AttentionMetadata that says where each token sits (DESIGN.md). Weights are store
 fused (q|k|v, gate|up) at load time so each layer is four GEMMs. `ops` is the op set of the device
 (layers.reference on the CPU, layers.cuda_ops on the GPU, whose GEMMs go through a cuBLAS handle of its own so
 that CUDA graphs can capture them).
+
+Tensor parallelism (cupaged/parallel/): a rank's model is this same class, built from its shard of the checkpoint
+and the config of its shapes, plus a `shard` whose communicator sums the row-parallel outputs (o-proj, down-proj)
+and the vocabulary-parallel embedding, and gathers the vocabulary-parallel logits. Without a shard (tp = 1) none
+of that runs.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cupaged.checkpoint import FiniteCheck
 from cupaged.config import ModelConfig, rope_cos_sin
 from cupaged.kv_cache import AttentionMetadata, KVCache
 from cupaged.progress import progress
+
+if TYPE_CHECKING:
+    from cupaged.parallel.sharding import RankShard
 
 Array = Any
 
@@ -83,10 +91,12 @@ class LlamaModel:
     """Weights on the device plus the forward pass."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, Array], ops: ModuleType, xp: ModuleType,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, shard: RankShard | None = None):
         """`tensors`: expected_weights' names to NumPy (host) or device arrays. Every weight is checked for NaN
-        and Inf on its way (checkpoint.FiniteCheck: CheckpointError naming the tensors)."""
-        self.config, self.ops, self.xp = config, ops, xp
+        and Inf on its way (checkpoint.FiniteCheck: CheckpointError naming the tensors).
+        With a `shard` (one rank of a tensor-parallel model), `config` and `tensors` are the rank's (shard.config,
+        shard.shard_tensors)."""
+        self.config, self.ops, self.xp, self.shard = config, ops, xp, shard
         check = FiniteCheck()
 
         def get(name: str) -> Array:
@@ -115,12 +125,26 @@ class LlamaModel:
         inputs (norm, q|k|v, rotary, the K/V write), attention over the paged cache, then its attention outputs
         (o-proj, norm, MLP): the halves around attention are what the engine's piecewise CUDA graphs capture.
         """
-        hidden, residual = self.embed[input_ids], None
+        hidden, residual = self.embed_tokens(input_ids), None
         for i in range(len(self.layers)):
             q, residual = self.attention_inputs(i, hidden, residual, meta.positions, meta.slot_mapping, cache)
             attn = self.ops.paged_attention(q, cache.k[i], cache.v[i], meta, self.scale)
             hidden, residual = self.attention_outputs(i, attn, residual)
         return self.final_norm_of(hidden, residual)
+
+    def embed_tokens(self, input_ids: Array) -> Array:
+        """The embedding rows of `input_ids` [T]: [T, hidden]."""
+        if self.shard is None:
+            return self.embed[input_ids]
+        # vocabulary-parallel: each rank looks up the ids in its slice, zeros elsewhere, and the sum has them all
+        local = input_ids - self.shard.vocab_start
+        mine = (local >= 0) & (local < self.embed.shape[0])
+        rows = self.embed[self.xp.where(mine, local, 0)]
+        return self.shard.comm.all_reduce(self.xp.where(mine[:, None], rows, 0))
+
+    def all_reduce(self, partial: Array) -> Array:
+        """The sum over ranks of a row-parallel projection's partial outputs (itself when there is one rank)."""
+        return partial if self.shard is None else self.shard.comm.all_reduce(partial)
 
     def attention_inputs(self, i: int, hidden: Array, residual: Array | None, positions: Array, slot_mapping: Array,
                          cache: KVCache) -> tuple[Array, Array]:
@@ -148,9 +172,9 @@ class LlamaModel:
     def attention_outputs(self, i: int, attn: Array, residual: Array) -> tuple[Array, Array]:
         """Layer i after attention: (its output, the residual stream)."""
         c, ops, layer = self.config, self.ops, self.layers[i]
-        hidden = ops.matmul(attn.reshape(attn.shape[0], c.num_heads * c.head_dim), layer.w_o)
+        hidden = self.all_reduce(ops.matmul(attn.reshape(attn.shape[0], c.num_heads * c.head_dim), layer.w_o))
         x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, c.rms_norm_eps)
-        return ops.matmul(ops.silu_and_mul(ops.matmul(x, layer.w_gate_up)), layer.w_down), residual
+        return self.all_reduce(ops.matmul(ops.silu_and_mul(ops.matmul(x, layer.w_gate_up)), layer.w_down)), residual
 
     def final_norm_of(self, hidden: Array, residual: Array | None) -> Array:
         if residual is None:
@@ -159,4 +183,12 @@ class LlamaModel:
 
     def logits(self, hidden: Array, out: Array | None = None) -> Array:
         """float32 logits [N, vocab] for hidden states [N, hidden] (into `out` if given)."""
-        return self.ops.matmul(hidden, self.lm_head, self.xp.float32, out)
+        if self.shard is None:
+            return self.ops.matmul(hidden, self.lm_head, self.xp.float32, out)
+        # vocabulary-parallel: each rank's slice of the logits, gathered, less the padding of the vocabulary
+        gathered = self.shard.comm.all_gather(self.ops.matmul(hidden, self.lm_head, self.xp.float32), axis=-1)
+        logits = gathered[:, :self.shard.vocab_size]
+        if out is not None:
+            out[...] = logits
+            return out
+        return logits if logits.shape == gathered.shape else self.xp.ascontiguousarray(logits)
