@@ -168,6 +168,8 @@ __global__ void __launch_bounds__(128) gguf_gemv(const unsigned char* __restrict
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+    // unrolled so that several iterations' weight loads are in flight at once (a row is only a few KiB)
+#pragma unroll 4
     for (int c = lane; c < cols / 8; c += 32) {
         float wv[8];
         F::dequant8(row + (c / SUBS) * F::BYTES, c % SUBS, wv);

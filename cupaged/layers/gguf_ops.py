@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cupaged.device import array_module
-from cupaged.quant import QuantizedLinear, QuantizedWeight
+from cupaged.quant import KERNEL_FORMATS, QuantizedLinear, QuantizedWeight
 
 Array = Any
 GEMV_MAX_ROWS = 16
@@ -71,7 +71,7 @@ def embedding(w: QuantizedLinear, ids: Array, dtype: Any) -> Array:
 def _cuda_matmul(x: Array, w: QuantizedLinear, out: Array) -> Array:
     import cupy
 
-    from cupaged.kernels import ctype, kernel
+    from cupaged.kernels import ctype
 
     m = x.shape[0]
     if m == 0:
@@ -84,8 +84,7 @@ def _cuda_matmul(x: Array, w: QuantizedLinear, out: Array) -> Array:
         col = 0
         for p in w.parts:
             rows, cols = p.shape
-            name = f"gguf_gemv<cupaged::gguf::{p.format}, {ctype(x.dtype)}, {ctype(out.dtype)}, {tile}>"
-            kernel("gguf_matmul.cu", name)(
+            _gemv(p.format, ctype(x.dtype), ctype(out.dtype), tile)(
                 (-(-rows // WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,),
                 (p.blocks, np.int64(p.blocks.shape[1]), x, np.int64(x.strides[0] // x.itemsize),
                  _ptr(out, col), np.int64(out.strides[0] // out.itemsize), np.int32(rows), np.int32(cols),
@@ -110,15 +109,35 @@ def _cuda_matmul(x: Array, w: QuantizedLinear, out: Array) -> Array:
 
 def _dequantize_rows(p: QuantizedWeight, ids: Array | None, n: int, out: Array, first: int = 0) -> None:
     """out [n, K] = rows ids (or first .. first + n) of p, dequantized."""
-    from cupaged.kernels import ctype, kernel
+    from cupaged.kernels import ctype
 
     threads = 256
     chunks = n * (p.shape[1] // 8)
     blocks = p.blocks[first:]
-    kernel("gguf_matmul.cu", f"gguf_dequantize<cupaged::gguf::{p.format}, {ctype(out.dtype)}>")(
+    _dequantize(p.format, ctype(out.dtype))(
         (min(-(-chunks // threads), 65535),), (threads,),
         (blocks, np.int64(p.blocks.shape[1]), ids if ids is not None else np.uint64(0), np.int32(n),
          np.int32(p.shape[1]), out, np.int64(out.strides[0] // out.itemsize)))
+
+
+# Every format's instantiations for one pair of types are compiled together: NVRTC's cost is mostly parsing the
+# headers, so one module of 40 kernels takes little longer than one kernel.
+@functools.cache
+def _gemv(fmt: str, x_type: str, out_type: str, tile: int) -> Any:
+    from cupaged.kernels import module
+
+    names = tuple(f"gguf_gemv<cupaged::gguf::{f}, {x_type}, {out_type}, {t}>" for f in KERNEL_FORMATS
+                  for t in GEMV_TILES)
+    return module("gguf_matmul.cu", names).get_function(
+        f"gguf_gemv<cupaged::gguf::{fmt}, {x_type}, {out_type}, {tile}>")
+
+
+@functools.cache
+def _dequantize(fmt: str, out_type: str) -> Any:
+    from cupaged.kernels import module
+
+    names = tuple(f"gguf_dequantize<cupaged::gguf::{f}, {out_type}>" for f in KERNEL_FORMATS)
+    return module("gguf_matmul.cu", names).get_function(f"gguf_dequantize<cupaged::gguf::{fmt}, {out_type}>")
 
 
 def _ptr(a: Array, col: int) -> np.uint64:
