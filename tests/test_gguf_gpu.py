@@ -193,7 +193,8 @@ def test_smollm2_greedy_text_and_graphs(cupy, smollm2) -> None:
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
 
     def run(**options) -> list:
-        llm = LLM(str(smollm2), device="cuda", max_model_len=256, max_num_seqs=8, num_kv_blocks=256, **options)
+        llm = LLM(str(smollm2), device="cuda", max_model_len=256, max_num_seqs=8, num_kv_blocks=256,
+                  max_num_batched_tokens=256, **options)
         out = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
         del llm
         cupy.get_default_memory_pool().free_all_blocks()
