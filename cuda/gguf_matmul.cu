@@ -83,14 +83,15 @@ struct Q8_0 {
 };
 
 // Q4_K / Q5_K super-blocks of 256: d, dmin (fp16), 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32.
+// ggml's get_scale_min_k4 without branches (a mask), from three aligned 32-bit loads, so that the GEMV's unrolled
+// iterations can issue all their loads together: sub-blocks 0-3 take the low 6 bits of bytes s (scale) and s + 4
+// (min); sub-blocks 4-7 the nibbles of byte s + 4 with the top 2 bits of bytes s - 4 (scale) and s (min).
 __device__ __forceinline__ void k_scale_min(const unsigned char* sc, int s, int& scale, int& min) {
-    if (s < 4) {
-        scale = sc[s] & 63;
-        min = sc[s + 4] & 63;
-    } else {
-        scale = (sc[s + 4] & 0xF) | ((sc[s - 4] >> 6) << 4);
-        min = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
-    }
+    const unsigned* word = reinterpret_cast<const unsigned*>(sc);  // block + 4: blocks are 144 or 176 bytes
+    const int shift = 8 * (s & 3), high = -(s >> 2);                 // high: all ones for sub-blocks 4-7
+    const int a = (word[0] >> shift) & 0xFF, b = (word[1] >> shift) & 0xFF, c = (word[2] >> shift) & 0xFF;
+    scale = (((c & 0xF) | ((a >> 6) << 4)) & high) | (a & 63 & ~high);
+    min = (((c >> 4) | ((b >> 6) << 4)) & high) | (b & 63 & ~high);
 }
 
 // sub 0..31: sub-block s = sub / 4, values 8 (sub % 4) .. +7 of it. Its 4-bit parts are nibble s % 2 of
@@ -168,19 +169,18 @@ __global__ void __launch_bounds__(128) gguf_gemv(const unsigned char* __restrict
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-    // unrolled so that several iterations' weight loads are in flight at once (a row is only a few KiB)
-#pragma unroll 4
+    // A warp streams one row of a few KiB: the loop is unrolled, and its body has no branch (rows past M read
+    // row M - 1 and are not written), so that several iterations' loads are in flight at once.
+#pragma unroll 8
     for (int c = lane; c < cols / 8; c += 32) {
         float wv[8];
         F::dequant8(row + (c / SUBS) * F::BYTES, c % SUBS, wv);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-            if (m < M) {
-                float xv[8];
-                gguf::load8(x + m * ldx + 8 * c, xv);
+            float xv[8];
+            gguf::load8(x + min(m, M - 1) * ldx + 8 * c, xv);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[m] = fmaf(wv[j], xv[j], acc[m]);
-            }
+            for (int j = 0; j < 8; ++j) acc[m] = fmaf(wv[j], xv[j], acc[m]);
         }
     }
 #pragma unroll
@@ -190,16 +190,16 @@ __global__ void __launch_bounds__(128) gguf_gemv(const unsigned char* __restrict
     }
 }
 
-// out[i * ldo + k] = W[row_ids ? row_ids[i] : i, k] for i < rows: one thread per 8 values.
+// out[i * ldo + k] = W[row_ids ? row_ids[i] : i, k] for i < rows: one thread per 8 values of a row (blockIdx.x
+// the values, blockIdx.y the rows, no division).
 template <class F, typename TO>
 __global__ void gguf_dequantize(const unsigned char* __restrict__ w, long long row_bytes,
                                 const int* __restrict__ row_ids, int rows, int cols, TO* __restrict__ out,
                                 long long ldo) {
     constexpr int SUBS = F::QK / 8;
-    const long long chunks = cols / 8;
-    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < rows * chunks;
-         t += (long long)gridDim.x * blockDim.x) {
-        const int i = (int)(t / chunks), c = (int)(t % chunks);
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols / 8) return;
+    for (int i = blockIdx.y; i < rows; i += gridDim.y) {
         const long long src = row_ids ? row_ids[i] : i;
         float v[8];
         F::dequant8(w + src * row_bytes + (c / SUBS) * F::BYTES, c % SUBS, v);

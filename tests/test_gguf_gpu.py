@@ -85,7 +85,7 @@ def test_mixed_formats_write_their_own_columns(cupy, fmt: str) -> None:
     rng = np.random.default_rng(7)
     parts = [random_weight(rng, fmt, 33, 256), random_weight(rng, "Q6_K", 5, 256), random_weight(rng, fmt, 3, 256)]
     w = _device_linear(cupy, parts)
-    wide = cupy.asarray(rng.standard_normal((4, 320)).astype(np.float32)).astype(cupy.bfloat16)
+    wide = cupy.asarray(rng.standard_normal((4, 320)).astype(np.float32)).astype("bfloat16")
     x = wide[:, :256]
     want = _host(x) @ np.concatenate([p.dequantize() for p in parts]).T
     out = cupy.full((4, 41), np.nan, dtype=cupy.float32)
@@ -118,8 +118,8 @@ def test_kernels_in_a_cuda_graph(cupy) -> None:
     rng = np.random.default_rng(11)
     w = _device_linear(cupy, [random_weight(rng, "Q4_K", 45, 512), random_weight(rng, "Q6_K", 19, 512)])
     for m in (2, 40):
-        x = cupy.asarray(rng.standard_normal((m, 512)).astype(np.float32)).astype(cupy.bfloat16)
-        out = cupy.full((m, 64), np.nan, dtype=cupy.bfloat16)
+        x = cupy.asarray(rng.standard_normal((m, 512)).astype(np.float32)).astype("bfloat16")
+        out = cupy.full((m, 64), np.nan, dtype="bfloat16")
         stream = cupy.cuda.Stream(non_blocking=True)
         with stream:
             # compiles the kernels, makes the scratch buffer and binds cuBLAS to the stream before the capture
@@ -127,7 +127,7 @@ def test_kernels_in_a_cuda_graph(cupy) -> None:
             stream.begin_capture()
             gguf_ops.matmul(x, w, out=out)
             graph = stream.end_capture()
-        x[...] = cupy.asarray(rng.standard_normal((m, 512)).astype(np.float32)).astype(cupy.bfloat16)
+        x[...] = cupy.asarray(rng.standard_normal((m, 512)).astype(np.float32)).astype("bfloat16")
         out[...] = np.nan
         graph.launch(stream)
         stream.synchronize()

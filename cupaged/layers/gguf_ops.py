@@ -111,11 +111,12 @@ def _dequantize_rows(p: QuantizedWeight, ids: Array | None, n: int, out: Array, 
     """out [n, K] = rows ids (or first .. first + n) of p, dequantized."""
     from cupaged.kernels import ctype
 
-    threads = 256
-    chunks = n * (p.shape[1] // 8)
+    if n == 0:
+        return
+    threads = 128
     blocks = p.blocks[first:]
     _dequantize(p.format, ctype(out.dtype))(
-        (min(-(-chunks // threads), 65535),), (threads,),
+        (-(-(p.shape[1] // 8) // threads), min(n, 65535)), (threads,),
         (blocks, np.int64(p.blocks.shape[1]), ids if ids is not None else np.uint64(0), np.int32(n),
          np.int32(p.shape[1]), out, np.int64(out.strides[0] // out.itemsize)))
 
