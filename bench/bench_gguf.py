@@ -53,13 +53,11 @@ def random_block_bytes(fallback: Callable, rng: np.random.Generator, name: str, 
     f = quant.FORMATS[qtype]
     rows, cols = math.prod(shape[:-1]), shape[-1]
     blocks = rng.integers(0, 256, (rows * cols // f.block_size, f.type_size), dtype=np.uint8)
-    fields = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
-              "Q5_K": [0, 2], "Q6_K": [208]}[qtype]  # the fp16 scales of each format
     probe = blocks[:64].copy()
-    for offset in fields:
+    for offset in f.scale_offsets:
         probe[:, offset:offset + 2] = np.ones(len(probe), np.float16).view(np.uint8).reshape(-1, 2)
     rms = float(np.sqrt(np.mean(f.dequantize_blocks(probe) ** 2)))  # of values with unit scales
-    for offset in fields:
+    for offset in f.scale_offsets:
         scale = (rng.standard_normal(len(blocks)) / (rms * math.sqrt(cols))).astype(np.float16)
         blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, -1)

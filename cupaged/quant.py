@@ -125,23 +125,25 @@ def _plain(dtype: str) -> Callable[[np.ndarray], np.ndarray]:
 @dataclass(frozen=True)
 class BlockFormat:
     """One GGUF tensor type: `block_size` values in `type_size` bytes, and its NumPy dequantizer
-    (uint8 [n, type_size] -> float32 [n, block_size]). `kernel`: it has a CUDA kernel (cuda/gguf_matmul.cu)."""
+    (uint8 [n, type_size] -> float32 [n, block_size]). `kernel`: it has a CUDA kernel (cuda/gguf_matmul.cu).
+    `scale_offsets`: byte offsets of the block's fp16 scales (d, and dmin or m), which alone can be NaN or Inf."""
     name: str
     block_size: int
     type_size: int
     dequantize_blocks: Callable[[np.ndarray], np.ndarray]
     kernel: bool
+    scale_offsets: tuple[int, ...] = ()
 
 
 FORMATS: dict[str, BlockFormat] = {f.name: f for f in (
-    BlockFormat("Q4_0", 32, 18, _q4_0, True),
-    BlockFormat("Q4_1", 32, 20, _q4_1, True),
-    BlockFormat("Q5_0", 32, 22, _q5_0, True),
-    BlockFormat("Q5_1", 32, 24, _q5_1, True),
-    BlockFormat("Q8_0", 32, 34, _q8_0, True),
-    BlockFormat("Q4_K", QK_K, 144, _q4_k, True),
-    BlockFormat("Q5_K", QK_K, 176, _q5_k, True),
-    BlockFormat("Q6_K", QK_K, 210, _q6_k, True),
+    BlockFormat("Q4_0", 32, 18, _q4_0, True, (0,)),
+    BlockFormat("Q4_1", 32, 20, _q4_1, True, (0, 2)),
+    BlockFormat("Q5_0", 32, 22, _q5_0, True, (0,)),
+    BlockFormat("Q5_1", 32, 24, _q5_1, True, (0, 2)),
+    BlockFormat("Q8_0", 32, 34, _q8_0, True, (0,)),
+    BlockFormat("Q4_K", QK_K, 144, _q4_k, True, (0, 2)),
+    BlockFormat("Q5_K", QK_K, 176, _q5_k, True, (0, 2)),
+    BlockFormat("Q6_K", QK_K, 210, _q6_k, True, (208,)),
     BlockFormat("F32", 1, 4, _plain("float32"), False),
     BlockFormat("F16", 1, 2, _plain("float16"), False),
     BlockFormat("BF16", 1, 2, _plain("bfloat16"), False),
@@ -196,6 +198,15 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return int(self.blocks.nbytes)
+
+    def scales(self) -> Array:
+        """The blocks' fp16 scales as a float16 array (a copy, on the blocks' device): what FiniteCheck reads."""
+        from cupaged.device import array_module
+
+        f, xp = FORMATS[self.format], array_module(self.blocks)
+        flat = self.blocks.reshape(-1, f.type_size)
+        return xp.concatenate([xp.ascontiguousarray(flat[:, o:o + 2]).view(xp.float16).reshape(-1)
+                               for o in f.scale_offsets])
 
     def dequantize(self) -> np.ndarray:
         """float32 [rows, cols] on the host."""

@@ -13,17 +13,12 @@ from cupaged import quant
 from cupaged.layers import gguf_ops
 from cupaged.quant import QuantizedLinear, QuantizedWeight
 
-# byte offsets of each format's fp16 fields: random bytes there could be Inf/NaN, so they get random finite values
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
-              "Q5_K": [0, 2], "Q6_K": [208]}
-
-
 def random_weight(rng: np.random.Generator, fmt: str, rows: int, cols: int) -> QuantizedWeight:
     """A [rows, cols] weight of random blocks: every quant and scale bit random, fp16 scales finite and small
     (so that products of a few thousand terms stay O(1) to O(100))."""
     f = quant.FORMATS[fmt]
     blocks = rng.integers(0, 256, (rows * (cols // f.block_size), f.type_size), dtype=np.uint8)
-    for offset in F16_FIELDS[fmt]:
+    for offset in f.scale_offsets:  # random bytes there could be Inf or NaN
         scale = (rng.standard_normal(len(blocks)) * 0.02).astype(np.float16)
         blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(-1, 2)
     return QuantizedWeight(fmt, (rows, cols), blocks.reshape(rows, -1))
@@ -158,3 +153,22 @@ def test_gguf_tensors_are_read_on_access(tmp_path: Path) -> None:
     assert isinstance(q, QuantizedWeight) and q.format == "Q8_0"
     file_rows = np.asarray(t.data).view(np.uint8).reshape(q.shape[0], -1)
     np.testing.assert_array_equal(q.blocks, unpermute_qk(file_rows, config.num_heads))
+
+
+@pytest.mark.parametrize("dequantize", [True, False])
+def test_nan_scale_is_refused_by_name(tmp_path: Path, dequantize: bool) -> None:
+    """A NaN fp16 scale in one block of a quantized tensor: the load names the tensor, kept quantized or not."""
+    import gguf
+
+    from cupaged.checkpoint import CheckpointError, open_checkpoint
+    from cupaged.layers import reference
+    from cupaged.models.llama import LlamaModel, expected_weights
+
+    path = _file(tmp_path, "qwen3-tiny", "q8_0")
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_up.weight")
+    with open(path, "r+b") as f:
+        f.seek(int(t.data_offset) + 34 * 5)  # block 5's d
+        f.write(np.array([np.nan], np.float16).tobytes())
+    config, _, read = open_checkpoint(path)
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        LlamaModel(config, read(expected_weights(config), "float32", dequantize=dequantize), reference, np)

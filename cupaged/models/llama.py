@@ -61,6 +61,14 @@ def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def upload_quantized(name: str, w: QuantizedWeight, xp: ModuleType, check: FiniteCheck | None) -> QuantizedWeight:
+    """w with its blocks on the device; its fp16 scales (the only fields that can be NaN or Inf) go to `check`."""
+    w = QuantizedWeight(w.format, w.shape, xp.asarray(w.blocks))
+    if check is not None:
+        check.add(name, w.scales())
+    return w
+
+
 class Layer:
     """One decoder layer's weights, moved to the device, then fused and transposed there for `x @ w`.
 
@@ -77,7 +85,8 @@ class Layer:
             raw = [t[prefix + n] for n in names]
             quantized = [isinstance(w, QuantizedWeight) for w in raw]
             if all(quantized):  # kept as in the file: the kernels read [out, in] blocks
-                return QuantizedLinear.fuse(raw, xp)
+                return QuantizedLinear.fuse([upload_quantized(prefix + n, w, xp, check)
+                                             for n, w in zip(names, raw)], xp)
             if any(quantized):  # a plain part among quantized ones (no such file seen): all plain
                 plain = next(w for w in raw if not isinstance(w, QuantizedWeight))
                 raw = [w.dequantize().astype(plain.dtype) if isinstance(w, QuantizedWeight) else w for w in raw]
@@ -109,8 +118,9 @@ class LlamaModel:
     def __init__(self, config: ModelConfig, tensors: dict[str, Array], ops: ModuleType, xp: ModuleType,
                  max_positions: int | None = None):
         """`tensors`: expected_weights' names to NumPy (host) or device arrays, or quant.QuantizedWeight; each is
-        read once, so a mapping that reads from the file on access streams the load. Every plain weight is checked
-        for NaN and Inf on its way (checkpoint.FiniteCheck: CheckpointError naming the tensors)."""
+        read once, so a mapping that reads from the file on access streams the load. Every weight (a quantized
+        one's fp16 scales) is checked for NaN and Inf on its way (checkpoint.FiniteCheck: CheckpointError naming
+        the tensors)."""
         self.config, self.ops, self.xp = config, ops, xp
         check = FiniteCheck()
 
@@ -121,7 +131,9 @@ class LlamaModel:
 
         def get(name: str) -> Array | QuantizedLinear:  # each tensor is read once: `tensors` may read on access
             w = tensors[name]
-            return QuantizedLinear.fuse([w], xp) if isinstance(w, QuantizedWeight) else upload(name, w)
+            if isinstance(w, QuantizedWeight):
+                return QuantizedLinear.fuse([upload_quantized(name, w, xp, check)], xp)
+            return upload(name, w)
 
         self.final_norm = get("model.norm.weight")
         embed = get("model.embed_tokens.weight")
