@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from types import ModuleType
 
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -26,8 +27,9 @@ from cupaged.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# (expected name -> shape, dtype name) -> host tensors; reading is deferred until the model's shapes are known
-TensorSource = Callable[[dict[str, tuple[int, ...]], str], dict[str, np.ndarray]]
+# (expected name -> shape, dtype name, dequantize=True) -> host tensors; reading is deferred until the model's
+# shapes are known. With dequantize=False a GGUF's block-quantized matrices come as quant.QuantizedWeight.
+TensorSource = Callable[..., Mapping[str, Any]]
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 
@@ -191,10 +193,11 @@ def open_checkpoint(name: str | Path) -> tuple[ModelConfig, Tokenizer, TensorSou
         tc = gguf.tokenizer_config
         tokenizer = Tokenizer(gguf.tokenizer, tc.get("chat_template"), tc.get("bos_token"),
                               list(tc.get("eos_token_ids", [])) + list(config.eos_token_ids), tc.get("eos_token"))
-        return config, tokenizer, lambda expected, dtype: _select(gguf.tensors, expected, dtype, path)
+        return config, tokenizer, lambda expected, dtype, dequantize=True: _gguf_weights(
+            gguf.tensors, expected, dtype, path, keep_quantized=not dequantize)
     config = ModelConfig.from_file(path / "config.json")
     tokenizer = Tokenizer.from_dir(path, config.eos_token_ids)
-    return config, tokenizer, lambda expected, dtype: load_tensors(path, expected, dtype)
+    return config, tokenizer, lambda expected, dtype, dequantize=True: load_tensors(path, expected, dtype)
 
 
 def dummy_weights(expected: dict[str, tuple[int, ...]], dtype: np.dtype, xp: ModuleType,
@@ -216,20 +219,56 @@ def dummy_weights(expected: dict[str, tuple[int, ...]], dtype: np.dtype, xp: Mod
     return out
 
 
-def _select(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], dtype: str,
-            path: Path) -> dict[str, np.ndarray]:
-    """The expected tensors of an in-memory checkpoint, checked and converted like load_tensors does."""
+class LazyTensors(Mapping[str, Any]):
+    """Tensors by name, each made by `load(name)` when it is asked for and not kept: a model that uploads them one
+    by one holds about one tensor in host memory at a time."""
+
+    def __init__(self, names: list[str], load: Callable[[str], Any]):
+        self._names, self._load = list(names), load
+        self._known = set(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._load(name)
+
+
+def _gguf_weights(tensors: Any, expected: dict[str, tuple[int, ...]], dtype: str, path: Path,
+                  keep_quantized: bool) -> LazyTensors:
+    """The expected tensors of a GGUF file (gguf.GGUFTensors), checked by name and shape now, read and converted
+    like load_tensors' when asked for; with `keep_quantized`, block-quantized matrices that have a CUDA kernel
+    come as quant.QuantizedWeight (the others are dequantized, as on the CPU)."""
+    from cupaged import quant
+
     target = resolve_dtype(dtype)
     _check_ignored(tensors, expected, path)
-    out = {}
     for name, shape in expected.items():
         if name not in tensors:
             raise CheckpointError(f"{path}: tensor {name} is missing")
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+        if tuple(tensors.shape(name)) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensors.shape(name))}, "
                                   f"the config implies {shape}")
-        out[name] = to_dtype(tensors[name], target)
-    return out
+    if keep_quantized:
+        slow = sorted({tensors.format(n) for n in expected if len(expected[n]) == 2}
+                      - set(quant.KERNEL_FORMATS) - {"F32", "F16", "BF16"})
+        if slow:
+            logger.info("%s: tensors of type %s have no quantized kernel: dequantized to %s at load", path,
+                        ", ".join(slow), target.name)
+
+    def load(name: str) -> Any:
+        w = tensors.load(name, keep_quantized)
+        return w if isinstance(w, quant.QuantizedWeight) else to_dtype(w, target)
+
+    return LazyTensors(list(expected), load)
 
 
 class FiniteCheck:

@@ -5,9 +5,11 @@ tokenizer as key/value metadata under llama.cpp's names, and the tensors, often 
 turns it into what the rest of cupaged reads from a Hugging Face directory:
 
 - `config`: a config.json-style dict (`architectures`, `hidden_size`, ...; llama, qwen2 and qwen3 files);
-- `tensors`: float32 arrays named and oriented as in Hugging Face checkpoints ([out_features, in_features]),
-  dequantized with the `gguf` package (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K and whatever
-  else `gguf.quants.dequantize` knows). llama.cpp permutes the rows of Q and K of llama-architecture models
+- `tensors`: a mapping of Hugging Face names to tensors oriented as in Hugging Face checkpoints
+  ([out_features, in_features]), each read from the file when asked for (GGUFTensors): float32, dequantized by
+  cupaged.quant (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) or by the `gguf` package
+  (whatever else `gguf.quants.dequantize` knows), or, for the GPU, the block formats with kernels kept as they
+  are in the file (quant.QuantizedWeight). llama.cpp permutes the rows of Q and K of llama-architecture models
   for its interleaved rope; that permutation is undone here as transformers' GGUF loader undoes it;
 - `tokenizer`: a `tokenizers.Tokenizer` rebuilt from the vocabulary, merges and token types. Byte-level BPE
   ("gpt2") splits text with the pre-tokenizer that `tokenizer.ggml.pre` names (as llama.cpp does);
@@ -24,9 +26,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from cupaged import quant
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +107,7 @@ class GGUFError(ValueError):
 @dataclass
 class GGUFCheckpoint:
     config: dict[str, Any]
-    tensors: dict[str, np.ndarray]
+    tensors: "GGUFTensors"  # read from the file on access, one at a time
     tokenizer: Any  # tokenizers.Tokenizer
     tokenizer_config: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)  # every key but the vocabulary arrays
@@ -147,7 +152,7 @@ def load_gguf(path: str | Path) -> GGUFCheckpoint:
     tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if tok_vocab > config["vocab_size"]:
         raise GGUFError(f"{path}: the tokenizer has {tok_vocab} tokens, the embedding only {config['vocab_size']}")
-    tensors = _tensors(reader, config, arch, path)
+    tensors = GGUFTensors(path, reader, config, arch)
     small = {k: v for k, v in metadata.items() if not (isinstance(v, list) and len(v) > 64)}
     return GGUFCheckpoint(config, tensors, tokenizer, tokenizer_config, small)
 
@@ -348,45 +353,97 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
-def dequantize_tensor(t: Any, path: Path | str = "?") -> np.ndarray:
-    """A reader tensor as a float32 array in NumPy order (ggml's dims reversed): [out_features, in_features]."""
-    gguf = _import_gguf()
+def dequantize_tensor(t: Any, path: Path | str = "?", raw: np.ndarray | None = None) -> np.ndarray:
+    """A reader tensor as a float32 array in NumPy order (ggml's dims reversed): [out_features, in_features].
+
+    `raw`: the tensor's bytes, already read (else the reader's memory-mapped view). The formats of cupaged.quant
+    are dequantized there; any other (Q2_K, Q3_K, IQ*...) by the `gguf` package."""
     shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
     qtype = t.tensor_type
+    name = getattr(qtype, "name", str(qtype))
+    data = t.data if raw is None else raw
     try:
-        w = gguf.quants.dequantize(t.data, qtype)
+        if name in quant.FORMATS:
+            return np.array(quant.dequantize(np.asarray(data).reshape(-1).view(np.uint8), name, shape),
+                            dtype=np.float32)
+        w = _import_gguf().quants.dequantize(data, qtype)
     except NotImplementedError:
-        raise GGUFError(f"{path}: tensor {t.name} has quantization type {getattr(qtype, 'name', qtype)}, which the "
-                        f"installed gguf package cannot dequantize (try upgrading it: pip install -U gguf)") from None
+        raise GGUFError(f"{path}: tensor {t.name} has quantization type {name}, which the installed gguf package "
+                        f"cannot dequantize (try upgrading it: pip install -U gguf)") from None
     except Exception as exc:
-        raise GGUFError(f"{path}: tensor {t.name} ({getattr(qtype, 'name', qtype)}) cannot be dequantized "
-                        f"({type(exc).__name__}: {exc})") from None
+        raise GGUFError(f"{path}: tensor {t.name} ({name}) cannot be dequantized ({type(exc).__name__}: {exc})") \
+            from None
     w = np.array(w, dtype=np.float32)  # an owned, writable copy: nothing keeps the file mapped
     if w.size != int(np.prod(shape)):
         raise GGUFError(f"{path}: tensor {t.name} dequantizes to {w.shape}, its header says {shape}")
     return w.reshape(shape)
 
 
-def _tensors(reader: Any, config: dict[str, Any], arch: str, path: Path) -> dict[str, np.ndarray]:
-    from cupaged.progress import progress
+class GGUFTensors(Mapping[str, np.ndarray]):
+    """The weights of a GGUF file under Hugging Face names, read from the file one at a time when asked for.
 
-    out: dict[str, np.ndarray] = {}
-    with progress(f"dequantizing {path.name}", len(reader.tensors)) as bar:
+    `tensors[name]` is a float32 array (dequantized); `load(name, keep_quantized=True)` gives a 2-D tensor of a
+    block format with a CUDA kernel as a quant.QuantizedWeight instead: its bytes as they are in the file (one
+    read of that tensor, an owned buffer), llama's Q/K rows un-permuted as whole rows of blocks. Nothing is
+    cached, so a loader that uploads each tensor and drops it holds about one tensor in host memory at a time.
+    """
+
+    def __init__(self, path: Path, reader: Any, config: dict[str, Any], arch: str):
+        self.path, self._config, self._arch = path, config, arch
+        self._info: dict[str, Any] = {}
         for t in reader.tensors:
             if t.name in _CONFIG_TENSORS:
-                bar.update()
                 continue
             name = hf_tensor_name(t.name)
             if name is None:
                 raise GGUFError(f"{path}: tensor {t.name} has no Hugging Face counterpart that cupaged knows "
                                 f"(an unsupported variant of {arch}?)")
-            w = dequantize_tensor(t, path)
-            if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
-                heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
-                w = unpermute_qk(w, heads)
-            out[name] = w
-            bar.update()
-    return out
+            self._info[name] = t
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor
+        return name in self._info
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """[out_features, in_features] (Hugging Face order), without reading the tensor."""
+        return tuple(int(d) for d in reversed([int(x) for x in self._info[name].shape]))
+
+    def format(self, name: str) -> str:
+        """The tensor's GGUF type name (Q4_K, F32, ...)."""
+        t = self._info[name]
+        return getattr(t.tensor_type, "name", str(t.tensor_type))
+
+    def nbytes(self, name: str) -> int:
+        return int(self._info[name].n_bytes)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.load(name, keep_quantized=False)
+
+    def load(self, name: str, keep_quantized: bool) -> np.ndarray | quant.QuantizedWeight:
+        t = self._info[name]
+        raw = np.fromfile(self.path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
+        if raw.size != int(t.n_bytes):
+            raise GGUFError(f"{self.path}: truncated: tensor {t.name} needs {int(t.n_bytes)} bytes at offset "
+                            f"{int(t.data_offset)}")
+        shape, fmt = self.shape(name), self.format(name)
+        if keep_quantized and len(shape) == 2 and fmt in quant.KERNEL_FORMATS:
+            w: Any = quant.QuantizedWeight(fmt, (shape[0], shape[1]), raw.reshape(shape[0], -1))
+            if self._permuted(t.name):
+                w.blocks = unpermute_qk(w.blocks, self._heads(t.name))
+            return w
+        w = dequantize_tensor(t, self.path, raw if fmt in quant.FORMATS else None)
+        return unpermute_qk(w, self._heads(t.name)) if self._permuted(t.name) else w
+
+    def _permuted(self, gguf_name: str) -> bool:
+        return self._arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name)
+
+    def _heads(self, gguf_name: str) -> int:
+        return self._config["num_attention_heads" if ".attn_q." in gguf_name else "num_key_value_heads"]
 
 
 # ----------------------------------------------------------------------------------------------------------

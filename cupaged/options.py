@@ -37,6 +37,9 @@ ENGINE_OPTIONS = [
                       "they are threads of one process."),
     click.option("--enforce-eager", is_flag=True,
                  help="Run every step op by op instead of replaying CUDA graphs (same output, slower)."),
+    click.option("--gguf-dequantize", is_flag=True,
+                 help="On the GPU, dequantize a GGUF's quantized weights to --dtype at load instead of keeping them "
+                      "in their block formats (more memory; the bf16 path, for comparison)."),
     click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
 ]
 
@@ -70,7 +73,7 @@ def engine_kwargs(o: dict) -> dict:
                 max_num_batched_tokens=o["max_num_batched_tokens"],
                 gpu_memory_utilization=o["gpu_memory_utilization"], seed=o["seed"],
                 enforce_eager=o["enforce_eager"], max_logprobs=o["max_logprobs"], num_kv_blocks=o["num_kv_blocks"],
-                tensor_parallel_size=o["tensor_parallel_size"])
+                tensor_parallel_size=o["tensor_parallel_size"], gguf_dequantize=o["gguf_dequantize"])
 
 
 def model_path(o: dict) -> str:

@@ -84,7 +84,8 @@ class EngineCore:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
-                 async_scheduling: bool = True, max_logprobs: int = 20, tensor_parallel_size: int = 1):
+                 async_scheduling: bool = True, max_logprobs: int = 20, tensor_parallel_size: int = 1,
+                 gguf_dequantize: bool = False):
         check_engine_options(block_size=block_size, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
                              cpu_kv_cache_bytes=cpu_kv_cache_bytes, num_kv_blocks=num_kv_blocks, seed=seed,
@@ -102,7 +103,9 @@ class EngineCore:
         if load_format == "dummy":
             tensors = dummy_weights(expected_weights(self.config), self.dtype, xp, seed)
         else:
-            tensors = read_tensors(expected_weights(self.config), self.dtype.name)
+            # on the GPU a GGUF's block-quantized weights stay quantized unless asked (layers/gguf_ops.py)
+            tensors = read_tensors(expected_weights(self.config), self.dtype.name,
+                                   dequantize=gguf_dequantize or self.device != "cuda")
         max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
         runner_args = (self.config, tensors, self.dtype, self.device, xp, block_size, max_num_batched_tokens,
                        model_len, max_num_seqs)

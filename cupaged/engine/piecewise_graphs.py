@@ -82,7 +82,7 @@ class PiecewiseSteps:
         m, L = self.model, self.num_layers
         residual = self.residual[:size]
         if j == 0:
-            hidden, res = m.embed[self.inputs[0, :size]], None
+            hidden, res = m.embed_tokens(self.inputs[0, :size]), None
         else:
             hidden, res = m.attention_outputs(j - 1, self.attn[:size], residual)
         if j < L:

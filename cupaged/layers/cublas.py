@@ -23,7 +23,7 @@ Array = Any
 
 _CUDA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}  # cudaDataType_t
 _COMPUTE_32F = 68          # cublasComputeType_t CUBLAS_COMPUTE_32F: fp32 accumulation, no TF32
-_OP_N = 0                  # cublasOperation_t CUBLAS_OP_N
+_OP_N, _OP_T = 0, 1        # cublasOperation_t CUBLAS_OP_N, CUBLAS_OP_T
 _GEMM_DEFAULT = -1         # cublasGemmAlgo_t CUBLAS_GEMM_DEFAULT
 WORKSPACE_BYTES = 32 << 20  # what cuBLAS recommends for Hopper
 
@@ -75,20 +75,22 @@ class Cublas:
                                                        ctypes.c_size_t(WORKSPACE_BYTES)), "cublasSetWorkspace")
             self.stream = stream_ptr
 
-    def matmul(self, a: Array, b: Array, out: Array) -> Array:
-        """out [M, N] = a [M, K] @ b [K, N], row-major; a's rows may be strided, b and out are contiguous.
+    def matmul(self, a: Array, b: Array, out: Array, b_transposed: bool = False) -> Array:
+        """out [M, N] = a [M, K] @ b [K, N], row-major; a's and out's rows may be strided, b is contiguous.
+        With `b_transposed`, b is [N, K] and the product is a @ b^T (a dequantized GGUF weight's layout).
 
         cuBLAS is column-major: the row-major product is out^T = b^T a^T, which is what is asked for.
         """
         m, k = a.shape
-        n = b.shape[1]
+        n = b.shape[0] if b_transposed else b.shape[1]
         self.bind(cupy.cuda.get_current_stream().ptr)
         lda = a.strides[0] // a.itemsize
-        self._check(self._gemm(self.handle, _OP_N, _OP_N, n, m, k, ctypes.addressof(self._one),
-                               b.data.ptr, _CUDA_TYPES[b.dtype.name], n,
+        self._check(self._gemm(self.handle, _OP_T if b_transposed else _OP_N, _OP_N, n, m, k,
+                               ctypes.addressof(self._one),
+                               b.data.ptr, _CUDA_TYPES[b.dtype.name], k if b_transposed else n,
                                a.data.ptr, _CUDA_TYPES[a.dtype.name], lda,
-                               ctypes.addressof(self._zero), out.data.ptr, _CUDA_TYPES[out.dtype.name], n,
-                               _COMPUTE_32F, _GEMM_DEFAULT), "cublasGemmEx")
+                               ctypes.addressof(self._zero), out.data.ptr, _CUDA_TYPES[out.dtype.name],
+                               out.strides[0] // out.itemsize, _COMPUTE_32F, _GEMM_DEFAULT), "cublasGemmEx")
         return out
 
 

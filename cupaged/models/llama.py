@@ -10,6 +10,9 @@ Tensor parallelism (cupaged/parallel/): a rank's model is this same class, built
 and the config of its shapes, plus a `shard` whose communicator sums the row-parallel outputs (o-proj, down-proj)
 and the vocabulary-parallel embedding, and gathers the vocabulary-parallel logits. Without a shard (tp = 1) none
 of that runs.
+Weights of a GGUF file loaded for the GPU stay in their block formats
+(quant.QuantizedLinear, never transposed): `matmul` below sends their products to layers/gguf_ops.py, and a
+quantized embedding table dequantizes only the rows a step looks up.
 """
 
 from __future__ import annotations
@@ -20,12 +23,22 @@ from typing import TYPE_CHECKING, Any
 from cupaged.checkpoint import FiniteCheck
 from cupaged.config import ModelConfig, rope_cos_sin
 from cupaged.kv_cache import AttentionMetadata, KVCache
+from cupaged.layers import gguf_ops
 from cupaged.progress import progress
+from cupaged.quant import QuantizedLinear, QuantizedWeight
 
 if TYPE_CHECKING:
     from cupaged.parallel.sharding import RankShard
 
 Array = Any
+
+
+def matmul(ops: ModuleType, x: Array, w: Array | QuantizedLinear, out_dtype: Any = None,
+           out: Array | None = None) -> Array:
+    """x @ w through the device's ops, or through gguf_ops when w is a GGUF-quantized weight."""
+    if isinstance(w, QuantizedLinear):
+        return gguf_ops.matmul(x, w, out_dtype, out)
+    return ops.matmul(x, w, out_dtype, out)
 
 
 def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -57,6 +70,14 @@ def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def upload_quantized(name: str, w: QuantizedWeight, xp: ModuleType, check: FiniteCheck | None) -> QuantizedWeight:
+    """w with its blocks on the device; its fp16 scales (the only fields that can be NaN or Inf) go to `check`."""
+    w = QuantizedWeight(w.format, w.shape, xp.asarray(w.blocks))
+    if check is not None:
+        check.add(name, w.scales())
+    return w
+
+
 class Layer:
     """One decoder layer's weights, moved to the device, then fused and transposed there for `x @ w`.
 
@@ -69,8 +90,21 @@ class Layer:
                 check.add(prefix + name, a)
             return a
 
-        def fused_t(*names: str) -> Array:  # [in, sum of outs], contiguous
-            return xp.ascontiguousarray(xp.concatenate([get(n) for n in names]).T)
+        def fused_t(*names: str) -> Array | QuantizedLinear:  # [in, sum of outs], contiguous
+            raw = [t[prefix + n] for n in names]
+            quantized = [isinstance(w, QuantizedWeight) for w in raw]
+            if all(quantized):  # kept as in the file: the kernels read [out, in] blocks
+                return QuantizedLinear.fuse([upload_quantized(prefix + n, w, xp, check)
+                                             for n, w in zip(names, raw)], xp)
+            if any(quantized):  # a plain part among quantized ones (no such file seen): all plain
+                plain = next(w for w in raw if not isinstance(w, QuantizedWeight))
+                raw = [w.dequantize().astype(plain.dtype) if isinstance(w, QuantizedWeight) else w for w in raw]
+            arrays = []
+            for n, w in zip(names, raw):
+                arrays.append(xp.asarray(w))
+                if check is not None:
+                    check.add(prefix + n, arrays[-1])
+            return xp.ascontiguousarray(xp.concatenate(arrays).T)
 
         def optional(name: str) -> Array | None:
             return get(name) if prefix + name in t else None
@@ -92,22 +126,33 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, tensors: dict[str, Array], ops: ModuleType, xp: ModuleType,
                  max_positions: int | None = None, shard: RankShard | None = None):
-        """`tensors`: expected_weights' names to NumPy (host) or device arrays. Every weight is checked for NaN
-        and Inf on its way (checkpoint.FiniteCheck: CheckpointError naming the tensors).
+        """`tensors`: expected_weights' names to NumPy (host) or device arrays, or quant.QuantizedWeight; each is
+        read once, so a mapping that reads from the file on access streams the load. Every weight (a quantized
+        one's fp16 scales) is checked for NaN and Inf on its way (checkpoint.FiniteCheck: CheckpointError naming
+        the tensors).
         With a `shard` (one rank of a tensor-parallel model), `config` and `tensors` are the rank's (shard.config,
         shard.shard_tensors)."""
         self.config, self.ops, self.xp, self.shard = config, ops, xp, shard
         check = FiniteCheck()
 
-        def get(name: str) -> Array:
-            a = xp.asarray(tensors[name])
+        def upload(name: str, host: Any) -> Array:
+            a = xp.asarray(host)
             check.add(name, a)
             return a
 
-        self.embed = get("model.embed_tokens.weight")
+        def get(name: str) -> Array | QuantizedLinear:  # each tensor is read once: `tensors` may read on access
+            w = tensors[name]
+            if isinstance(w, QuantizedWeight):
+                return QuantizedLinear.fuse([upload_quantized(name, w, xp, check)], xp)
+            return upload(name, w)
+
         self.final_norm = get("model.norm.weight")
-        head = self.embed if config.tie_word_embeddings else get("lm_head.weight")
-        self.lm_head = xp.ascontiguousarray(head.T)
+        embed = get("model.embed_tokens.weight")
+        head = embed if config.tie_word_embeddings else get("lm_head.weight")
+        # a quantized table stays so; the rows a step needs are dequantized (and a tied head multiplies by it)
+        self.embed = gguf_ops.QuantizedEmbedding(embed, self.final_norm.dtype) \
+            if isinstance(embed, QuantizedLinear) else embed
+        self.lm_head = head if isinstance(head, QuantizedLinear) else xp.ascontiguousarray(head.T)
         where = "uploading layers to the GPU" if xp.__name__ == "cupy" else "preparing layers"
         self.layers = []
         with progress(where, config.num_layers) as bar:
@@ -156,7 +201,7 @@ class LlamaModel:
             x, residual = ops.rms_norm(hidden, layer.input_norm, eps), hidden.astype(self.xp.float32)
         else:
             x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
-        qkv = ops.matmul(x, layer.w_qkv)
+        qkv = matmul(ops, x, layer.w_qkv)
         if layer.b_qkv is not None:
             qkv = qkv + layer.b_qkv
         q = qkv[:, :q_size].reshape(tokens, c.num_heads, c.head_dim)
@@ -172,9 +217,9 @@ class LlamaModel:
     def attention_outputs(self, i: int, attn: Array, residual: Array) -> tuple[Array, Array]:
         """Layer i after attention: (its output, the residual stream)."""
         c, ops, layer = self.config, self.ops, self.layers[i]
-        hidden = self.all_reduce(ops.matmul(attn.reshape(attn.shape[0], c.num_heads * c.head_dim), layer.w_o))
+        hidden = self.all_reduce(matmul(ops, attn.reshape(attn.shape[0], c.num_heads * c.head_dim), layer.w_o))
         x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, c.rms_norm_eps)
-        return self.all_reduce(ops.matmul(ops.silu_and_mul(ops.matmul(x, layer.w_gate_up)), layer.w_down)), residual
+        return self.all_reduce(matmul(ops, ops.silu_and_mul(matmul(ops, x, layer.w_gate_up)), layer.w_down)), residual
 
     def final_norm_of(self, hidden: Array, residual: Array | None) -> Array:
         if residual is None:
@@ -184,9 +229,9 @@ class LlamaModel:
     def logits(self, hidden: Array, out: Array | None = None) -> Array:
         """float32 logits [N, vocab] for hidden states [N, hidden] (into `out` if given)."""
         if self.shard is None:
-            return self.ops.matmul(hidden, self.lm_head, self.xp.float32, out)
+            return matmul(self.ops, hidden, self.lm_head, self.xp.float32, out)
         # vocabulary-parallel: each rank's slice of the logits, gathered, less the padding of the vocabulary
-        gathered = self.shard.comm.all_gather(self.ops.matmul(hidden, self.lm_head, self.xp.float32), axis=-1)
+        gathered = self.shard.comm.all_gather(matmul(self.ops, hidden, self.lm_head, self.xp.float32), axis=-1)
         logits = gathered[:, :self.shard.vocab_size]
         if out is not None:
             out[...] = logits
