@@ -13,6 +13,8 @@ K/V fits in L2 rotate over enough independent K/V sets to exceed it (~256 MB), s
 The peer is torch's scaled_dot_product_attention (flash and cuDNN backends, enable_gqa) on the same K/V made
 contiguous per sequence ([B, Hkv, L, D]; no paging to pay for), timed the same way, where torch is installed.
 --sweep also times partitions of 128..4096 tokens in each cell (tuning the split heuristic).
+--kv-cache-dtype fp8 also times the same kernel over an FP8 (e4m3) copy of each cell's K/V (codes and per-row
+scales written by the cache-write kernel) and prints its time beside bf16's, with the speed-up (bf16 time / fp8).
 """
 
 from __future__ import annotations
@@ -121,6 +123,25 @@ def contiguous_kv(cache, tables: np.ndarray, batch: int, blocks_per_seq: int):
     return out
 
 
+def fp8_copy(k_cache, v_cache):
+    """An FP8 cache (codes, (k_scale, v_scale)) of the same K/V, quantized by write_kv a chunk of blocks at a time."""
+    import cupy
+
+    from cupaged.layers import cuda_ops
+
+    num_blocks = k_cache.shape[0]
+    k8, v8 = (cupy.empty(k_cache.shape, dtype=cupy.uint8) for _ in range(2))
+    scales = tuple(cupy.empty(k_cache.shape[:3], dtype=cupy.uint8) for _ in range(2))
+    per = max(1, (1 << 28) // (KV_HEADS * BLOCK * HEAD_DIM))
+    for b0 in range(0, num_blocks, per):
+        b1 = min(num_blocks, b0 + per)
+        tokens = [c[b0:b1].transpose(0, 2, 1, 3).reshape(-1, KV_HEADS, HEAD_DIM) for c in (k_cache, v_cache)]
+        slots = cupy.arange(b0 * BLOCK, b1 * BLOCK, dtype=cupy.int32)
+        cuda_ops.write_kv(tokens[0], tokens[1], k8, v8, slots, kv_scales=scales)
+        del tokens
+    return k8, v8, scales
+
+
 def torch_peer(sets, batch: int, ctx: int, repeat: int) -> dict:
     """GPU ms per call of torch SDPA (flash, cuDNN) over the contiguous sets [(q, k, v)], from a CUDA graph."""
     try:
@@ -203,8 +224,10 @@ def torch_peer(sets, batch: int, ctx: int, repeat: int) -> dict:
 @click.option("--repeat", default=20, show_default=True, help="Timed graph launches per measurement (median).")
 @click.option("--peers/--no-peers", default=True, show_default=True, help="Time torch SDPA on the same K/V.")
 @click.option("--sweep/--no-sweep", default=False, show_default=True, help="Also time every partition size.")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+              help="fp8: also time an FP8 (e4m3) cache of the same K/V, beside bf16.")
 @click.option("--json", "json_path", default=None)
-def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, sweep: bool,
+def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, sweep: bool, kv_cache_dtype: str,
          json_path: str | None) -> None:
     import cupy
 
@@ -248,13 +271,31 @@ def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, s
 
             ms, calls = graph_ms(ours(), repeat)
             nbytes = kv_bytes + 2 * sets[0]["q"].nbytes
+            fp8_ms = None
+            if kv_cache_dtype == "fp8":
+                def fp8_calls():
+                    def make(st, k8, v8, scales):
+                        return lambda: cuda_ops.paged_decode_attention(
+                            st["out"], st["q"], k8, v8, st["meta"].block_tables, st["meta"].seq_lens, ctx,
+                            HEAD_DIM ** -0.5, kv_scales=scales)
+                    return [make(st, *st["fp8"]) for st in sets]
+
+                for st in sets:
+                    st["fp8"] = fp8_copy(st["k"], st["v"])
+                fp8_ms = graph_ms(fp8_calls(), repeat)[0]
+                for st in sets:
+                    del st["fp8"]
+                cupy.get_default_memory_pool().free_all_blocks()
             work = batch * KV_HEADS
-            name = f"paged_decode_tc<__nv_bfloat16, {HEAD_DIM}, {HEADS // KV_HEADS}>"
+            name = f"paged_decode_tc<__nv_bfloat16, __nv_bfloat16, {HEAD_DIM}, {HEADS // KV_HEADS}>"
             occupancy = cuda_ops._ctas_per_sm(name, cuda_ops._tc_smem(cuda_ops.TC_PARTITION_MAX, 8))
             partition = cuda_ops.decode_partition(work, ctx, occupancy)
             row = {"batch": batch, "context": ctx, "kv_gb": kv_bytes / 1e9, "sets": nsets, "calls_per_graph": calls,
                    "partition": partition, "splits": math.ceil(ctx / partition), "ctas_per_sm": occupancy,
                    "ms": ms, "gb_s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / ms / 1e6 / copy_gbs}
+            if fp8_ms is not None:
+                fp8_bytes = kv_bytes // 2 + kv_bytes // HEAD_DIM // 2 + 2 * sets[0]["q"].nbytes  # codes + scales
+                row.update(fp8_ms=fp8_ms, fp8_speedup=ms / fp8_ms, fp8_gb_s=fp8_bytes / fp8_ms / 1e6)
             if sweep:
                 row["sweep_ms"] = {}
                 for p in (128, 256, 512, 1024, 2048, 4096):
@@ -279,6 +320,7 @@ def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, s
             cupy.get_default_memory_pool().free_all_blocks()
     result = {"device": props["name"].decode(), "sms": props["multiProcessorCount"], **copy,
               "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "dtype": "bfloat16",
+              "kv_cache_dtype": kv_cache_dtype,
               "timing": "GPU ms per call from CUDA events around a CUDA graph of calls; median of "
                         f"{repeat} graph launches", "rows": rows}
     if json_path:
@@ -287,12 +329,14 @@ def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, s
     click.echo(f"{result['device']}: device-to-device copy {copy_gbs:.0f} GB/s (read + write; elementwise "
                f"{copy['copy_kernel_gb_s']:.0f}, cudaMemcpy {copy['copy_memcpy_gb_s']:.0f})")
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    fp8 = kv_cache_dtype == "fp8"
     click.echo(f"{'batch':>5} {'ctx':>6} {'KV GB':>7} {'us':>9} {'GB/s':>6} {'of copy':>7} {'part':>5} "
-               f"{'flash':>6} {'cudnn':>6}")
+               f"{'flash':>6} {'cudnn':>6}" + (f" {'fp8 us':>9} {'fp8 GB/s':>8} {'x bf16':>6}" if fp8 else ""))
     for r in rows:
         click.echo(f"{r['batch']:>5} {r['context']:>6} {r['kv_gb']:>7.3f} {r['ms'] * 1e3:>9.1f} {r['gb_s']:>6.0f} "
                    f"{r['fraction_of_copy']:>7.2f} {r['partition']:>5} {fmt(r.get('torch_flash_fraction')):>6} "
-                   f"{fmt(r.get('torch_cudnn_fraction')):>6}")
+                   f"{fmt(r.get('torch_cudnn_fraction')):>6}"
+                   + (f" {r['fp8_ms'] * 1e3:>9.1f} {r['fp8_gb_s']:>8.0f} {r['fp8_speedup']:>6.2f}" if fp8 else ""))
     if sweep:
         click.echo("sweep (us per call by partition size):")
         for r in rows:

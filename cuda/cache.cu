@@ -21,9 +21,55 @@ __global__ void write_kv(const T* __restrict__ k, const T* __restrict__ v, T* __
     *reinterpret_cast<uint4*>(v_cache + dst) = *reinterpret_cast<const uint4*>(v + t * v_stride + e);
 }
 
-// For each pair i and each layer: block dst[i] = block src[i], K and V. Caches: [layers, blocks, block_elems].
+// FP8 cache (cupaged/fp8.py): each (token, head) row of head_dim values gets the power-of-two scale of its max
+// |value| (one exponent byte in k_scale / v_scale [num_blocks, num_kv_heads, block_size]) and is stored as e4m3
+// codes of value / scale (exact division: a power of two), bit-identical to fp8.quantize_rows.
+// GROUP = head_dim / 8 threads take one row, 8 values (16 bytes of T) each; GROUP divides 32, so a row's
+// threads are in one warp and its max is a shuffle reduction. Threads past the end still take part in it.
+template <typename T>
+__global__ void write_kv_fp8(const T* __restrict__ k, const T* __restrict__ v, unsigned char* __restrict__ k_cache,
+                             unsigned char* __restrict__ v_cache, unsigned char* __restrict__ k_scale,
+                             unsigned char* __restrict__ v_scale, const int* __restrict__ slot_mapping, int tokens,
+                             int num_kv_heads, int head_dim, int block_size, long long k_stride, long long v_stride) {
+    const int group = head_dim / 8;
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long row = i / group;  // (token, head)
+    const int part = i % group;
+    const bool valid = row < (long long)tokens * num_kv_heads;
+    const int t = valid ? row / num_kv_heads : 0, head = row % num_kv_heads, d = part * 8;
+    const int slot = valid ? slot_mapping[t] : -1;
+    const long long dst_row = slot < 0 ? 0 : ((long long)(slot / block_size) * num_kv_heads + head) * block_size
+                                             + slot % block_size;
+    float x[2][8], amax[2] = {0.f, 0.f};  // [0]: K, [1]: V
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+        if (valid) {
+            load_vec((which == 0 ? k + t * k_stride : v + t * v_stride) + head * head_dim + d, x[which]);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) amax[which] = fmaxf(amax[which], fabsf(x[which][j]));
+        }
+        for (int o = group / 2; o > 0; o >>= 1)
+            amax[which] = fmaxf(amax[which], __shfl_xor_sync(0xffffffffu, amax[which], o));
+    }
+    if (slot < 0) return;  // after the shuffles: every lane of the warp took part in them
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+        const unsigned e = scale_exponent(amax[which]);
+        const float inv = exponent_scale(254u - e);
+        const float* y = x[which];
+        uint2 codes;
+        codes.x = float2_to_e4m3x2(y[0] * inv, y[1] * inv) | (unsigned)float2_to_e4m3x2(y[2] * inv, y[3] * inv) << 16;
+        codes.y = float2_to_e4m3x2(y[4] * inv, y[5] * inv) | (unsigned)float2_to_e4m3x2(y[6] * inv, y[7] * inv) << 16;
+        *reinterpret_cast<uint2*>((which == 0 ? k_cache : v_cache) + dst_row * head_dim + d) = codes;
+        if (part == 0) (which == 0 ? k_scale : v_scale)[dst_row] = (unsigned char)e;
+    }
+}
+
+// For each pair i and each layer: block dst[i] = block src[i], K and V. Caches: [layers, blocks, block_elems],
+// moved in units of V (uint4, or unsigned char when a block is not whole 16-byte units: FP8 scales).
 // Destinations are freshly taken blocks, never a source in the same launch, so the order of copies is free.
-__global__ void copy_blocks(uint4* __restrict__ k_cache, uint4* __restrict__ v_cache, const int* __restrict__ src,
+template <typename V>
+__global__ void copy_blocks(V* __restrict__ k_cache, V* __restrict__ v_cache, const int* __restrict__ src,
                             const int* __restrict__ dst, long long num_blocks, int block_vecs) {
     const int pair = blockIdx.x, layer = blockIdx.y;
     const long long from = (layer * num_blocks + src[pair]) * block_vecs;
@@ -36,4 +82,8 @@ __global__ void copy_blocks(uint4* __restrict__ k_cache, uint4* __restrict__ v_c
 
 #ifdef CUPAGED_NVCC_CHECK
 template __global__ void write_kv<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, const int*, int, int, int, int, long long, long long);
+template __global__ void write_kv_fp8<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, unsigned char*, unsigned char*, unsigned char*, unsigned char*, const int*, int, int, int, int, long long, long long);
+template __global__ void write_kv_fp8<__half>(const __half*, const __half*, unsigned char*, unsigned char*, unsigned char*, unsigned char*, const int*, int, int, int, int, long long, long long);
+template __global__ void copy_blocks<uint4>(uint4*, uint4*, const int*, const int*, long long, int);
+template __global__ void copy_blocks<unsigned char>(unsigned char*, unsigned char*, const int*, const int*, long long, int);
 #endif

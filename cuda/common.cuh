@@ -14,6 +14,40 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// ---- FP8 e4m3 ("e4m3fn"), the KV cache's compressed storage (cupaged/fp8.py is the NumPy twin) ----
+// A cache element type distinct from unsigned char, so kernels can be templated on "the cache holds e4m3 codes".
+struct e4m3 { unsigned char bits; };
+
+// Two floats -> two e4m3 codes (lo in the low byte): round to nearest even, saturate to +-448, NaN -> 0x7f.
+__device__ __forceinline__ unsigned short float2_to_e4m3x2(float lo, float hi) {
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Two e4m3 codes (low byte first) -> __half2 bits, exactly (every e4m3 value is a normal half or zero).
+__device__ __forceinline__ unsigned e4m3x2_to_half2(unsigned short codes) {
+    unsigned r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(codes));
+    return r;
+}
+
+// Eight e4m3 codes -> eight halves (16 bytes), in order.
+__device__ __forceinline__ uint4 e4m3x8_to_half8(uint2 c) {
+    return make_uint4(e4m3x2_to_half2(c.x & 0xffffu), e4m3x2_to_half2(c.x >> 16), e4m3x2_to_half2(c.y & 0xffffu),
+                      e4m3x2_to_half2(c.y >> 16));
+}
+
+// The float32 power-of-two scale of a biased exponent byte (fp8.exponent_scale).
+__device__ __forceinline__ float exponent_scale(unsigned e) { return __int_as_float(e << 23); }
+
+// fp8.scale_exponents: the smallest 2^(e-127) with amax <= 448 * 2^(e-127), e clamped to [1, 142].
+__device__ __forceinline__ unsigned scale_exponent(float amax) {
+    const unsigned bits = __float_as_uint(amax), biased = (bits >> 23) & 0xffu;
+    const int e = (bits & 0x7fffffu) <= 0x600000u ? (int)biased - 8 : (int)biased - 7;
+    return (unsigned)min(max(e, 1), 142);
+}
+
 // Elements of T in one 16-byte access.
 template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
 

@@ -75,15 +75,38 @@ __device__ __forceinline__ unsigned swz(int row, int chunk) {
     return static_cast<unsigned>((row * HEAD_DIM + ((chunk ^ (row & 7)) << 3)) * sizeof(T));
 }
 
+// FP8 cache: 8 e4m3 codes times their row's scale -> 16 bytes of T in shared memory (the tiles stay T, so the
+// math below is unchanged). Exact for bf16 (3-bit mantissas times a power of two); fp16 rounds only values
+// below its normal range.
+template <typename T>
+__device__ __forceinline__ void st_dequant8(unsigned dst, uint2 codes, float scale) {
+    const uint4 h = cupaged::e4m3x8_to_half8(codes);
+    const unsigned w[4] = {h.x, h.y, h.z, h.w};
+    unsigned r[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+        r[i] = Mma<T>::pack(f.x * scale, f.y * scale);
+    }
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+}
+
+template <typename T, typename C> struct IsFp8 { static constexpr bool value = false; };
+template <typename T> struct IsFp8<T, cupaged::e4m3> { static constexpr bool value = true; };
+
 }  // namespace flash
 
 // out/q rows are [*, num_heads, HEAD_DIM] with heads and elements contiguous and row strides o_stride/q_stride
 // (elements, multiples of 8). work: int2 (sequence, first query row of the tile) per query tile; the grid is
 // num_items * num_heads CTAs of WARPS * 32 threads with smem_bytes(...) of dynamic shared memory.
-template <typename T, int HEAD_DIM, int WARPS, int MT, int BLOCK_N>
+// C: the cache's element type, T or e4m3 (codes, with per-row scale exponents k_scale / v_scale [blocks, Hkv, bs]:
+// the gather dequantizes them into the T tiles, through registers instead of cp.async).
+template <typename T, typename C, int HEAD_DIM, int WARPS, int MT, int BLOCK_N>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_prefill(T* __restrict__ out, long long o_stride, const T* __restrict__ q, long long q_stride,
-              const T* __restrict__ k_cache, const T* __restrict__ v_cache, const int* __restrict__ block_tables,
+              const C* __restrict__ k_cache, const C* __restrict__ v_cache, const unsigned char* __restrict__ k_scale,
+              const unsigned char* __restrict__ v_scale, const int* __restrict__ block_tables,
               int max_blocks, const int* __restrict__ query_start_loc, const int* __restrict__ seq_lens,
               const int2* __restrict__ work, int num_heads, int num_kv_heads, int block_size_log2,
               float scale_log2) {
@@ -146,11 +169,25 @@ flash_prefill(T* __restrict__ out, long long o_stride, const T* __restrict__ q, 
             const bool valid = key < seq_len;
             const unsigned dst = kv_dst + (stage * KV_ELEMS + p * ROWS_PER_PASS * HEAD_DIM) * (int)sizeof(T);
             long long off = 0;
-            if (valid)
-                off = (long long)s_tbl[stage * BLOCK_N + (key >> block_size_log2) - first_blk] * block_stride
-                      + (head_off + (key & block_mask) * HEAD_DIM);
-            cp_async16(sk_base + dst, k_cache + off, valid);
-            cp_async16(sv_base + dst, v_cache + off, valid);
+            const int blk = valid ? s_tbl[stage * BLOCK_N + (key >> block_size_log2) - first_blk] : 0;
+            if (valid) off = (long long)blk * block_stride + (head_off + (key & block_mask) * HEAD_DIM);
+            if constexpr (IsFp8<T, C>::value) {
+                uint2 kc = make_uint2(0, 0), vc = make_uint2(0, 0);
+                float ks = 0.f, vs = 0.f;
+                if (valid) {
+                    const long long srow = (((long long)blk * num_kv_heads + kvh) << block_size_log2)
+                                           + (key & block_mask);
+                    kc = *reinterpret_cast<const uint2*>(k_cache + off);
+                    vc = *reinterpret_cast<const uint2*>(v_cache + off);
+                    ks = cupaged::exponent_scale(k_scale[srow]);
+                    vs = cupaged::exponent_scale(v_scale[srow]);
+                }
+                st_dequant8<T>(sk_base + dst, kc, ks);
+                st_dequant8<T>(sv_base + dst, vc, vs);
+            } else {
+                cp_async16(sk_base + dst, k_cache + off, valid);
+                cp_async16(sv_base + dst, v_cache + off, valid);
+            }
         }
     };
     stage_table(0, 0);
@@ -371,12 +408,14 @@ flash_prefill(T* __restrict__ out, long long o_stride, const T* __restrict__ q, 
 }
 
 #ifdef CUPAGED_NVCC_CHECK
-#define CUPAGED_FLASH_INST(T, D, W, MT, N)                                                                       \
-    template __global__ void flash_prefill<T, D, W, MT, N>(T*, long long, const T*, long long, const T*,        \
-                                                           const T*, const int*, int, const int*, const int*,   \
-                                                           const int2*, int, int, int, float);
-#define CUPAGED_FLASH_INST_T(D, W, MT, N) \
-    CUPAGED_FLASH_INST(__nv_bfloat16, D, W, MT, N) CUPAGED_FLASH_INST(__half, D, W, MT, N)
+#define CUPAGED_FLASH_INST(T, C, D, W, MT, N)                                                                    \
+    template __global__ void flash_prefill<T, C, D, W, MT, N>(T*, long long, const T*, long long, const C*,     \
+                                                              const C*, const unsigned char*,                   \
+                                                              const unsigned char*, const int*, int, const int*, \
+                                                              const int*, const int2*, int, int, int, float);
+#define CUPAGED_FLASH_INST_T(D, W, MT, N)                                                                        \
+    CUPAGED_FLASH_INST(__nv_bfloat16, __nv_bfloat16, D, W, MT, N) CUPAGED_FLASH_INST(__half, __half, D, W, MT, N) \
+    CUPAGED_FLASH_INST(__nv_bfloat16, cupaged::e4m3, D, W, MT, N) CUPAGED_FLASH_INST(__half, cupaged::e4m3, D, W, MT, N)
 CUPAGED_FLASH_INST_T(128, 4, 2, 64)
 CUPAGED_FLASH_INST_T(128, 4, 2, 32)
 CUPAGED_FLASH_INST_T(128, 8, 1, 64)

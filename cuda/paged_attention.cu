@@ -21,6 +21,9 @@
 //                      4 lanes of a head by shuffles, p = exp2(s * scale * log2 e - m)
 //   O^T[d][h] += V^T P^T  A = V^T built from the V rows with byte permutes (lane loads tokens 2(l%4)+{0,1,8,9}),
 //                      B = P^T, which is exactly the S fragment re-packed to 16 bits: P never leaves registers.
+// FP8 cache (e4m3 codes, one power-of-two scale per token and KV head, see cupaged/fp8.py): the same kernel with
+// C = e4m3 reads half the bytes; codes become fp16 (K) / bf16 (V) in registers (DecodeTypes), K's scales multiply
+// the scores and V's the softmax weights before P V.
 // paged_decode_simt (any of fp32/fp16/bf16; head_dim/vector a power of two <= 32): CUDA cores; the fallback for
 // fp32 and for the shapes the tensor-core kernel does not take. Scores go through shared memory.
 #include "common.cuh"
@@ -38,17 +41,58 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
     return r;
 }
 
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+    uint2 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+
+// The tensor-core kernel's element types. The cache holds C: T itself (Q K^T and P V in T), or e4m3 codes. With
+// e4m3, Q K^T runs in fp16 (every e4m3 value is an exact half, 1 cvt per pair; Q is rounded to fp16 once, exact
+// for |q| in [6e-5, 65504]) and P V in bf16: V codes become bf16 bit patterns of value * 2^-112 (exact, no
+// subnormals), and each token's P carries its scale * 2^112, which bf16 holds for every scale however small
+// (fp16 P would underflow for tokens with small V). K's scales multiply the fp32 scores.
+template <typename T, typename C> struct DecodeTypes {
+    using QK = T;
+    using PV = T;
+    static constexpr bool FP8 = false;
+    // 8 consecutive elements of a K (V) row as 16 bytes of QK (PV)
+    static __device__ __forceinline__ uint4 k8(const C* p) { return ld_stream(p); }
+    static __device__ __forceinline__ uint4 v8(const C* p) { return ld_stream(p); }
+};
+template <typename T> struct DecodeTypes<T, e4m3> {
+    using QK = __half;
+    using PV = __nv_bfloat16;
+    static constexpr bool FP8 = true;
+    static __device__ __forceinline__ uint4 k8(const e4m3* p) { return e4m3x8_to_half8(ld_stream8(p)); }
+    static __device__ __forceinline__ uint4 v8(const e4m3* p) {
+        uint4 h = e4m3x8_to_half8(ld_stream8(p));
+        return make_uint4(half2_to_bf16x2_scaled(h.x), half2_to_bf16x2_scaled(h.y), half2_to_bf16x2_scaled(h.z),
+                          half2_to_bf16x2_scaled(h.w));
+    }
+    // half2 bits of e4m3 values (10-bit mantissas with 7 trailing zeros, no subnormals) -> bf16x2 bits of the
+    // values times 2^-112: the 5-bit exponent drops into the low bits of bf16's 8-bit one. Zero stays zero.
+    static __device__ __forceinline__ unsigned half2_to_bf16x2_scaled(unsigned h) {
+        return ((h & 0x7fff7fffu) >> 3) | (h & 0x80008000u);
+    }
+};
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tensor-core decode kernel. block_size = 1 << bs_log2. Dynamic shared memory: (partition >> bs_log2) + 2 ints.
-template <typename T, int HEAD_DIM, int HEADS>
+// C: the cache's element type (T, or e4m3 with per-row scale exponents k_scale / v_scale [blocks, Hkv, bs]).
+template <typename T, typename C, int HEAD_DIM, int HEADS>
 __device__ __forceinline__ void
 decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
-                const T* __restrict__ q, long long q_stride, const T* __restrict__ k_cache,
-                const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
+                const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
+                const C* __restrict__ v_cache, const unsigned char* __restrict__ k_scale,
+                const unsigned char* __restrict__ v_scale, const int* __restrict__ block_tables, int max_blocks,
                 int seq_len, int num_kv_heads, int group, int head_chunks, int bs_log2,
                 int partition, int max_splits, float scale_log2, int split) {
+    using Types = DecodeTypes<T, C>;
+    using QK = typename Types::QK;
+    using PV = typename Types::PV;
     static_assert(HEAD_DIM % 64 == 0 && HEADS >= 1 && HEADS <= 8, "HEAD_DIM in 64/128/256, up to 8 heads a CTA");
     constexpr int KC = HEAD_DIM / 32;  // 16-byte K (and Q) chunks a lane holds per token row
     constexpr int VC = HEAD_DIM / 64;  // 16-byte V chunks a lane holds per token row
@@ -77,12 +121,19 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
         if (g < HEADS) v = *reinterpret_cast<const uint4*>(q + b * q_stride + (long long)(head0 + g) * HEAD_DIM
                                                            + (4 * i + q4) * 8);
         qa[i][0] = v.x; qa[i][1] = v.y; qa[i][2] = v.z; qa[i][3] = v.w;
+        if constexpr (Types::FP8) {  // Q in QK = fp16 (a no-op round trip when T is fp16)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const T* pair = reinterpret_cast<const T*>(&qa[i][r]);
+                qa[i][r] = Mma<QK>::pack(to_float(pair[0]), to_float(pair[1]));
+            }
+        }
     }
     __syncthreads();
 
     const long long block_stride = (long long)num_kv_heads * bs * HEAD_DIM;
     const long long head_offset = (long long)kvh * bs * HEAD_DIM;
-    auto row = [&](const T* cache, int t) {
+    auto row = [&](const C* cache, int t) {
         return cache + s_table[(t >> bs_log2) - first_block] * block_stride + head_offset
                + (long long)(t & (bs - 1)) * HEAD_DIM;
     };
@@ -99,10 +150,10 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
         for (int nt = 0; nt < 2; ++nt) {
             const int t = base + nt * 8 + g;
             if (t < end) {
-                const T* p = row(k_cache, t);
+                const C* p = row(k_cache, t);
 #pragma unroll
                 for (int i = 0; i < KC; ++i) {
-                    const uint4 v = ld_stream(p + (4 * i + q4) * 8);
+                    const uint4 v = Types::k8(p + (4 * i + q4) * 8);
                     kr[nt][i][0] = v.x; kr[nt][i][1] = v.y; kr[nt][i][2] = v.z; kr[nt][i][3] = v.w;
                 }
             } else {
@@ -115,10 +166,10 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
             for (int r = 0; r < 4; ++r) {
                 const int t = base + 2 * q4 + (r & 1) + (r >> 1) * 8;
                 if (t < end) {  // a token past the end is never read: stale cache slots may hold NaN
-                    const T* p = row(v_cache, t);
+                    const C* p = row(v_cache, t);
 #pragma unroll
                     for (int c = 0; c < VC; ++c) {
-                        const uint4 v = ld_stream(p + (8 * c + g) * 8);
+                        const uint4 v = Types::v8(p + (8 * c + g) * 8);
                         vr[r][c][0] = v.x; vr[r][c][1] = v.y; vr[r][c][2] = v.z; vr[r][c][3] = v.w;
                     }
                 } else {
@@ -127,6 +178,27 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                 }
             }
         };
+        // FP8: the scales of this lane's score columns, tokens base + 8 nt + 2 q4 + {0, 1} (one block: bs >= 2)
+        float ks[2][2], vs[2][2];
+        if constexpr (Types::FP8) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const int t = base + nt * 8 + 2 * q4;
+                unsigned kb = 0, vb = 0;
+                if (t < end) {
+                    const long long at = s_table[(t >> bs_log2) - first_block] * ((long long)num_kv_heads << bs_log2)
+                                         + ((long long)kvh << bs_log2) + (t & (bs - 1));
+                    kb = *reinterpret_cast<const unsigned short*>(k_scale + at);
+                    vb = *reinterpret_cast<const unsigned short*>(v_scale + at);
+                }
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {  // a token past the end gets 0 (its byte may be any stale value)
+                    const bool in = t + e < end;
+                    ks[nt][e] = in ? exponent_scale((kb >> (8 * e)) & 0xffu) : 0.f;
+                    vs[nt][e] = in ? exponent_scale(((vb >> (8 * e)) & 0xffu) + 112u) : 0.f;  // V is 2^-112 x
+                }
+            }
+        }
         if constexpr (V_EARLY) load_v();  // all of the step's loads in flight at once
         // ---- S = Q K^T: two n-tiles of 8 tokens ----
         float s[2][4];
@@ -136,7 +208,7 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
 #pragma unroll
             for (int k = 0; k < KSTEPS; ++k) {
                 const int i = k / 2, r = (k % 2) * 2;
-                Mma<T>::mma(s[nt], qa[i][r], 0u, qa[i][r + 1], 0u, kr[nt][i][r], kr[nt][i][r + 1]);
+                Mma<QK>::mma(s[nt], qa[i][r], 0u, qa[i][r + 1], 0u, kr[nt][i][r], kr[nt][i][r + 1]);
             }
         }
         // lane holds S[head g][token base + 8 nt + 2 q4 + e] in s[nt][e], e = 0, 1 (s[nt][2..3]: padding rows)
@@ -146,7 +218,9 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int t = base + nt * 8 + 2 * q4 + e;
-                s[nt][e] = t < end ? s[nt][e] * scale_log2 : neg_inf();
+                float sc = scale_log2;
+                if constexpr (Types::FP8) sc *= ks[nt][e];
+                s[nt][e] = t < end ? s[nt][e] * sc : neg_inf();
                 mx = fmaxf(mx, s[nt][e]);
             }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -163,7 +237,13 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
         // the accumulator holds heads 2 q4 and 2 q4 + 1: their rescaling factors live in lanes 8 q4 and 8 q4 + 4
         const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * q4);
         const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * q4 + 4);
-        const unsigned pb0 = Mma<T>::pack(p[0][0], p[0][1]), pb1 = Mma<T>::pack(p[1][0], p[1][1]);
+        if constexpr (Types::FP8) {  // P V with each token's V scale (l_run above keeps the plain p)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) p[nt][e] *= vs[nt][e];
+        }
+        const unsigned pb0 = Mma<PV>::pack(p[0][0], p[0][1]), pb1 = Mma<PV>::pack(p[1][0], p[1][1]);
 
         if constexpr (!V_EARLY) load_v();  // head_dim 256: registers allow only K or V ahead of the math
         // ---- O^T += V^T P^T: m-tile j covers head_dim entries 64 (j/4) + 8 g + 2 (j%4) + {0 (row g), 1 (row g+8)}
@@ -175,7 +255,7 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
             const unsigned a2 = __byte_perm(vr[2][c][r], vr[3][c][r], 0x5410);
             const unsigned a3 = __byte_perm(vr[2][c][r], vr[3][c][r], 0x7632);
             acc[j][0] *= alpha0; acc[j][1] *= alpha1; acc[j][2] *= alpha0; acc[j][3] *= alpha1;
-            Mma<T>::mma(acc[j], a0, a1, a2, a3, pb0, pb1);
+            Mma<PV>::mma(acc[j], a0, a1, a2, a3, pb0, pb1);
         }
     }
 
@@ -230,17 +310,18 @@ __device__ __forceinline__ void for_each_partition(const int* __restrict__ parti
     }
 }
 
-template <typename T, int HEAD_DIM, int HEADS>
+template <typename T, typename C, int HEAD_DIM, int HEADS>
 __global__ void __launch_bounds__(THREADS, HEAD_DIM <= 128 ? 3 : 2)
 paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
-                const T* __restrict__ q, long long q_stride, const T* __restrict__ k_cache,
-                const T* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
+                const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
+                const C* __restrict__ v_cache, const unsigned char* __restrict__ k_scale,
+                const unsigned char* __restrict__ v_scale, const int* __restrict__ block_tables, int max_blocks,
                 const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int bs_log2,
                 const int* __restrict__ partition_ptr, int max_splits, float scale_log2) {
     for_each_partition(partition_ptr, seq_lens, [&](int split, int partition, int seq_len) {
-        decode_tc_split<T, HEAD_DIM, HEADS>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, block_tables,
-                                            max_blocks, seq_len, num_kv_heads, group, head_chunks, bs_log2,
-                                            partition, max_splits, scale_log2, split);
+        decode_tc_split<T, C, HEAD_DIM, HEADS>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, k_scale,
+                                               v_scale, block_tables, max_blocks, seq_len, num_kv_heads, group,
+                                               head_chunks, bs_log2, partition, max_splits, scale_log2, split);
     });
 }
 
@@ -456,7 +537,8 @@ paged_decode_reduce(T* __restrict__ out, const float* __restrict__ part_out, con
 }
 
 #ifdef CUPAGED_NVCC_CHECK
-#define TC(T, D, H) template __global__ void paged_decode_tc<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, const int*, int, float);
+#define TCC(T, C, D, H) template __global__ void paged_decode_tc<T, C, D, H>(T*, float*, float2*, const T*, long long, const C*, const C*, const unsigned char*, const unsigned char*, const int*, int, const int*, int, int, int, int, const int*, int, float);
+#define TC(T, D, H) TCC(T, T, D, H) TCC(T, e4m3, D, H)
 #define SIMT(T, D, H) template __global__ void paged_decode_simt<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, const int*, int, float);
 #define RED(T, D) template __global__ void paged_decode_reduce<T, D>(T*, const float*, const float2*, const int*, const int*, int);
 TC(__nv_bfloat16, 128, 4) TC(__nv_bfloat16, 128, 8) TC(__half, 64, 1) TC(__half, 128, 2) TC(__nv_bfloat16, 256, 8)

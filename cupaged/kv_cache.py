@@ -11,24 +11,49 @@ import numpy as np
 from cupaged.config import ModelConfig
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names: auto = the model's dtype; fp8 = fp8_e4m3
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str) -> str:
+    """'auto' or 'fp8_e4m3' (the one FP8 format; 'fp8' is its alias); ValueError naming the option otherwise."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    return "auto" if kv_cache_dtype == "auto" else "fp8_e4m3"
+
+
 class KVCache:
     """K and V of every layer in blocks of `block_size` token slots.
 
     `k` and `v` have shape [num_layers, num_blocks, num_kv_heads, block_size, head_dim] (HND): for one block and
     one KV head the `block_size x head_dim` tile is contiguous, which is what the attention kernels read.
+    With kv_cache_dtype "fp8_e4m3" they hold uint8 e4m3 codes, and `k_scale`, `v_scale` [num_layers, num_blocks,
+    num_kv_heads, block_size] (uint8) the power-of-two scale exponent of each (token, KV head) row (cupaged/fp8.py
+    says why); otherwise they are in the model dtype and the scales are None.
     """
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: np.dtype, xp: ModuleType):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: np.dtype, xp: ModuleType,
+                 kv_cache_dtype: str = "auto"):
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
+        self.fp8 = self.kv_cache_dtype == "fp8_e4m3"
         shape = (config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim)
-        self.k = xp.empty(shape, dtype=dtype)
-        self.v = xp.empty(shape, dtype=dtype)
+        self.k = xp.empty(shape, dtype=np.uint8 if self.fp8 else dtype)
+        self.v = xp.empty(shape, dtype=np.uint8 if self.fp8 else dtype)
+        self.k_scale = xp.zeros(shape[:-1], dtype=np.uint8) if self.fp8 else None
+        self.v_scale = xp.zeros(shape[:-1], dtype=np.uint8) if self.fp8 else None
         self.num_blocks = num_blocks
         self.block_size = block_size
 
+    def scales(self, layer: int) -> tuple[Any, Any] | None:
+        """Layer `layer`'s (k_scale, v_scale) for the ops' `scales=` argument; None unless FP8."""
+        return (self.k_scale[layer], self.v_scale[layer]) if self.fp8 else None
+
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: np.dtype) -> int:
-        """Bytes one block takes across all layers, K and V together."""
-        return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * np.dtype(dtype).itemsize
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: np.dtype, kv_cache_dtype: str = "auto") -> int:
+        """Bytes one block takes across all layers, K and V together (FP8: one byte a value, one scale a row)."""
+        rows = 2 * config.num_layers * config.num_kv_heads * block_size
+        if resolve_kv_cache_dtype(kv_cache_dtype) == "fp8_e4m3":
+            return rows * (config.head_dim + 1)
+        return rows * config.head_dim * np.dtype(dtype).itemsize
 
 
 @dataclass

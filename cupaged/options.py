@@ -17,6 +17,9 @@ ENGINE_OPTIONS = [
                  help="Where to run; 'auto' picks CUDA when a usable GPU is found (env CUPAGED_DEVICE overrides)."),
     click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
                  show_default=True, help="Weights and activations dtype; auto: bfloat16 on CUDA, float32 on CPU."),
+    click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "fp8_e4m3"]), default="auto",
+                 show_default=True, help="KV-cache storage: auto = the model dtype; fp8 (= fp8_e4m3) halves the "
+                                         "cache's bytes per token (twice the cached tokens, faster decode)."),
     click.option("--max-model-len", type=int, default=None, help="Longest prompt + output, in tokens."),
     click.option("--block-size", type=click.Choice(["8", "16", "32"]), default="16", show_default=True,
                  help="Tokens per KV-cache block."),
@@ -73,7 +76,8 @@ def engine_kwargs(o: dict) -> dict:
                 max_num_batched_tokens=o["max_num_batched_tokens"],
                 gpu_memory_utilization=o["gpu_memory_utilization"], seed=o["seed"],
                 enforce_eager=o["enforce_eager"], max_logprobs=o["max_logprobs"], num_kv_blocks=o["num_kv_blocks"],
-                tensor_parallel_size=o["tensor_parallel_size"], gguf_dequantize=o["gguf_dequantize"])
+                tensor_parallel_size=o["tensor_parallel_size"], gguf_dequantize=o["gguf_dequantize"],
+                kv_cache_dtype=o["kv_cache_dtype"])
 
 
 def model_path(o: dict) -> str:

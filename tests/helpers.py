@@ -22,7 +22,7 @@ def load_model(path: Path, dtype: str, ops: ModuleType, xp: ModuleType) -> Llama
 
 
 def teacher_forced_logits(model: LlamaModel, sequences: list[np.ndarray], prompt_lens: list[int],
-                          block_size: int = 16, seed: int = 0) -> list[np.ndarray]:
+                          block_size: int = 16, seed: int = 0, kv_cache_dtype: str = "auto") -> list[np.ndarray]:
     """Logits at every position of each sequence, computed through the paged cache the way the engine does:
 
     step 1 prefills the first half of the prompts; step 2 prefills the other half while the first half
@@ -37,9 +37,10 @@ def teacher_forced_logits(model: LlamaModel, sequences: list[np.ndarray], prompt
     for n in blocks_per_seq:
         tables.append([int(b) for b in physical[start:start + n]])
         start += n
-    cache = KVCache(config, len(physical), block_size, model.embed.dtype, xp)
-    cache.k[...] = xp.nan  # poison: any read of a slot never written shows up as NaN
-    cache.v[...] = xp.nan
+    cache = KVCache(config, len(physical), block_size, model.embed.dtype, xp, kv_cache_dtype)
+    # poison: any read of a slot never written shows up as NaN (an FP8 cache: NaN codes)
+    cache.k[...] = 0x7F if cache.fp8 else xp.nan
+    cache.v[...] = 0x7F if cache.fp8 else xp.nan
     done = [0] * len(sequences)
     out: list[list[np.ndarray]] = [[] for _ in sequences]
     half = (len(sequences) + 1) // 2

@@ -38,6 +38,7 @@ from cupaged.parallel.sharding import check_tp, gpu_count
 from cupaged.parallel.tp_runner import TensorParallelRunner
 from cupaged.engine.sampling import GrammarMasks, grammar_masks, record_logprobs, sampling_metadata
 from cupaged.sampler import log_softmax, mask_tokens, sample_on_device
+from cupaged.kv_cache import resolve_kv_cache_dtype
 from cupaged.sampling_params import SamplingParams, check_token_ids
 from cupaged.structured import Matcher, build_tokenizer, grammar_for
 
@@ -85,11 +86,12 @@ class EngineCore:
                  cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
                  async_scheduling: bool = True, max_logprobs: int = 20, tensor_parallel_size: int = 1,
-                 gguf_dequantize: bool = False):
+                 gguf_dequantize: bool = False, kv_cache_dtype: str = "auto"):
         check_engine_options(block_size=block_size, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
                              cpu_kv_cache_bytes=cpu_kv_cache_bytes, num_kv_blocks=num_kv_blocks, seed=seed,
                              load_format=load_format, max_logprobs=max_logprobs)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)  # ValueError naming the option
         self.device = devices.set_device(device)
         xp = devices.xp()
         if dtype == "auto":
@@ -108,7 +110,7 @@ class EngineCore:
                                    dequantize=gguf_dequantize or self.device != "cuda")
         max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
         runner_args = (self.config, tensors, self.dtype, self.device, xp, block_size, max_num_batched_tokens,
-                       model_len, max_num_seqs)
+                       model_len, max_num_seqs, self.kv_cache_dtype)
         self.runner = ModelRunner(*runner_args) if tensor_parallel_size == 1 else \
             TensorParallelRunner(tensor_parallel_size, *runner_args)
         del tensors
@@ -147,14 +149,14 @@ class EngineCore:
         self.trace_events: list[tuple[Any, Any]] = []
         # Set to a list to record each step's (KV slots used, slots allocated): bench/bench_kv_waste.py's input.
         self.kv_history: list[tuple[int, int]] | None = None
-        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB)",
-                    model, self.config.architecture, self.config.num_layers, self.dtype.name, self.device,
-                    time.perf_counter() - t0, num_blocks, block_size,
-                    num_blocks * self.runner.bytes_per_block() / 2**30)
+        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs; KV cache (%s): %d blocks of %d tokens, "
+                    "%d tokens at most (%.2f GiB)", model, self.config.architecture, self.config.num_layers,
+                    self.dtype.name, self.device, time.perf_counter() - t0, self.kv_cache_dtype, num_blocks,
+                    block_size, num_blocks * block_size, num_blocks * self.runner.bytes_per_block() / 2**30)
 
     def info(self) -> CoreInfo:
         return CoreInfo(self.max_model_len, self.blocks.num_blocks, self.blocks.block_size, self.config.vocab_size,
-                        self.device, self.dtype.name, self.max_logprobs)
+                        self.device, self.dtype.name, self.max_logprobs, self.kv_cache_dtype)
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:

@@ -118,7 +118,7 @@ class DecodeGraphs:
             cublas.handle().bind(stream.ptr)
             for batch in reversed(sizes):  # the largest first: the smaller ones reuse its intermediates
                 plan = cuda_ops.decode_plan(batch, c.num_heads, c.num_kv_heads, c.head_dim, cache.block_size,
-                                            cache.k.dtype, 1, capacity_len=max_model_len)
+                                            model.embed.dtype, 1, capacity_len=max_model_len, fp8=cache.fp8)
                 meta = inputs.meta(batch, np.ones(batch, dtype=np.int32), plan)
 
                 def step() -> None:

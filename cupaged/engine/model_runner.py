@@ -19,7 +19,7 @@ import numpy as np
 from cupaged.config import ModelConfig
 from cupaged.engine.decode_graphs import DecodeGraphs, DecodeInputs, graph_batch_sizes, padded_size
 from cupaged.engine.piecewise_graphs import PiecewiseSteps
-from cupaged.kv_cache import AttentionMetadata, KVCache
+from cupaged.kv_cache import AttentionMetadata, KVCache, resolve_kv_cache_dtype
 from cupaged.layers import ops_for
 from cupaged.models.llama import LlamaModel
 from cupaged.parallel.sharding import RankShard
@@ -30,10 +30,17 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype, device: str,
                  xp: ModuleType, block_size: int, max_num_batched_tokens: int, max_model_len: int,
-                 max_num_seqs: int, shard: RankShard | None = None):
+                 max_num_seqs: int, kv_cache_dtype: str = "auto", shard: RankShard | None = None):
         """`shard`: this runner is one rank of a tensor-parallel model (parallel/tp_runner.py), and config and
         tensors are the rank's."""
         self.config, self.dtype, self.device, self.xp = config, dtype, device, xp
+        self.kv_cache_dtype = kv_cache_dtype
+        if device == "cuda" and resolve_kv_cache_dtype(kv_cache_dtype) == "fp8_e4m3":  # kernels for these shapes?
+            from cupaged.layers.cuda_ops import fp8_supported
+
+            if not fp8_supported(dtype, config.head_dim, block_size):
+                raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} on the GPU needs dtype float16 or bfloat16 and "
+                                 f"head_dim 64, 128 or 256, got {np.dtype(dtype).name} and {config.head_dim}")
         self.block_size = block_size
         self.model = LlamaModel(config, tensors, ops_for(device), xp, max_positions=max_model_len, shard=shard)
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -45,7 +52,7 @@ class ModelRunner:
         self.pieces: PiecewiseSteps | None = None
 
     def bytes_per_block(self) -> int:
-        return KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+        return KVCache.bytes_per_block(self.config, self.block_size, self.dtype, self.kv_cache_dtype)
 
     def profile_num_blocks(self, gpu_memory_utilization: float, cpu_kv_cache_bytes: int) -> int:
         """How many KV blocks fit in the memory left after weights and peak activations."""
@@ -60,7 +67,7 @@ class ModelRunner:
         for n in lens:
             tables.append(list(range(first, first + -(-n // self.block_size))))
             first += len(tables[-1])
-        self.cache = KVCache(self.config, first, self.block_size, self.dtype, cupy)
+        self.cache = KVCache(self.config, first, self.block_size, self.dtype, cupy, self.kv_cache_dtype)
         meta = AttentionMetadata.build(lens, lens, tables, self.block_size, cupy)
         ids = cupy.asarray(np.random.default_rng(0).integers(0, self.config.vocab_size, tokens), dtype=cupy.int32)
         self.model.logits(self.model.forward(ids, meta, self.cache)[-1:])
@@ -81,7 +88,7 @@ class ModelRunner:
         return num_blocks
 
     def allocate_cache(self, num_blocks: int, max_model_len: int) -> None:
-        self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.xp)
+        self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.xp, self.kv_cache_dtype)
         self.max_model_len = max_model_len
 
     def prepare_graphs(self, capture: bool) -> None:
@@ -98,7 +105,8 @@ class ModelRunner:
         """Copy whole KV blocks (every layer, K and V): copy-on-write before a shared block is written."""
         if copies:
             src, dst = (self.xp.asarray(np.array(c, dtype=np.int32)) for c in zip(*copies))
-            self.model.ops.copy_blocks(self.cache.k, self.cache.v, src, dst)
+            self.model.ops.copy_blocks(self.cache.k, self.cache.v, src, dst,
+                                       kv_scales=(self.cache.k_scale, self.cache.v_scale) if self.cache.fp8 else None)
 
     def run(self, seqs: list[Any], num_new_tokens: list[int],
             pending: tuple[Any, dict[int, int]] | None = None) -> tuple[Any, list[int]]:

@@ -144,6 +144,6 @@ class PiecewiseSteps:
                 self._piece(j, size)
             if j < self.num_layers:
                 self.model.ops.paged_attention(self.q[:n], self.cache.k[j], self.cache.v[j], meta, self.model.scale,
-                                               out=self.attn[:n])
+                                               out=self.attn[:n], kv_scales=self.cache.scales(j))
         self.replays += graphs is not None
         return self.logits[:len(sample_rows)]

@@ -83,3 +83,4 @@ class CoreInfo(msgspec.Struct, gc=False):
     device: str
     dtype: str                        # of the weights and the KV cache
     max_logprobs: int = 20            # the most logprobs a request may ask for (-1: no limit)
+    kv_cache_dtype: str = "auto"      # "auto" (the model dtype) or "fp8_e4m3"; the cache holds num_kv_blocks x block_size tokens

@@ -269,26 +269,49 @@ def mask_logits(logits: Array, bitmask: np.ndarray, mask_rows: np.ndarray) -> Ar
 
 
 # ---------------------------------------------------------------------------------------------------- KV cache
-def _check_cache(k_cache: Array, v_cache: Array) -> None:
-    _require_float("k_cache", k_cache)
+FP8_CTYPE = "cupaged::e4m3"  # the kernels' cache element type for FP8 codes (cuda/common.cuh)
+
+
+def _check_cache(k_cache: Array, v_cache: Array, kv_scales: tuple[Array, Array] | None = None) -> None:
+    """One layer's caches: float of the model's dtype, or (kv_scales given) uint8 FP8 codes with their scales."""
+    if kv_scales is None:
+        _require_float("k_cache", k_cache)
+    else:
+        _require(_name(k_cache) == "uint8", f"k_cache: an FP8 cache holds uint8 codes, got {_name(k_cache)}")
+        _require(all(isinstance(a, cupy.ndarray) and a.shape == k_cache.shape[:3] and _name(a) == "uint8"
+                     and a.flags.c_contiguous for a in kv_scales),
+                 f"kv_scales must be two contiguous uint8 [num_blocks, num_kv_heads, block_size] arrays matching "
+                 f"the cache {k_cache.shape}")
     _require(k_cache.ndim == 4 and k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype,
              f"caches must be one layer's [num_blocks, num_kv_heads, block_size, head_dim] of one dtype, got "
              f"{k_cache.shape} {_name(k_cache)} and {v_cache.shape} {_name(v_cache)}")
     _require(k_cache.flags.c_contiguous and v_cache.flags.c_contiguous, "caches must be C-contiguous")
 
 
-def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array) -> None:
-    _check_cache(k_cache, v_cache)
+def fp8_supported(dtype: np.dtype, head_dim: int, block_size: int) -> bool:
+    """Whether the kernels take an FP8 cache for this model dtype and shape: the tensor-core decode kernel's
+    (fp16/bf16, head_dim 64/128/256, power-of-two block_size >= 2; the prefill kernel's are a subset or fall back
+    to the reference math)."""
+    return _tc_supported(dtype, head_dim, block_size) and block_size >= 2
+
+
+def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array,
+             kv_scales: tuple[Array, Array] | None = None) -> None:
+    _check_cache(k_cache, v_cache, kv_scales)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     _require(k.ndim == 3 and k.shape == v.shape and k.shape[1:] == (num_kv_heads, head_dim),
              f"write_kv: k {k.shape} and v {v.shape} must be [T, {num_kv_heads}, {head_dim}]")
-    _require(k.dtype == k_cache.dtype and v.dtype == k_cache.dtype,
+    _require(k.dtype == v.dtype and (kv_scales is not None or k.dtype == k_cache.dtype),
              f"write_kv: k/v are {_name(k)}/{_name(v)} but the cache is {_name(k_cache)}")
+    if kv_scales is not None:
+        _require_float("write_kv k", k)
+        _require(fp8_supported(k.dtype, head_dim, block_size),
+                 f"write_kv: no FP8 kernels for {_name(k)} with head_dim {head_dim}, block_size {block_size}")
     _require(slot_mapping.shape == (k.shape[0],), f"write_kv: slot_mapping {slot_mapping.shape} for {k.shape[0]} tokens")
     if _name(slot_mapping) != "int32":
         slot_mapping = slot_mapping.astype(cupy.int32)
     if head_dim % _vec(k.dtype):
-        return reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return reference.write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scales)
     k, k_stride = _heads_view(k)
     v, v_stride = _heads_view(v)
     if k_stride % _vec(k.dtype) or v_stride % _vec(k.dtype) or not (_aligned(k) and _aligned(v)):
@@ -296,24 +319,34 @@ def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: A
         k_stride = v_stride = num_kv_heads * head_dim
     tokens = k.shape[0]
     total = tokens * num_kv_heads * head_dim // _vec(k.dtype)
-    if total:
+    if total and kv_scales is not None:  # one thread per 8 values, head_dim / 8 threads a row (see cache.cu)
+        kernel("cache.cu", f"write_kv_fp8<{ctype(k.dtype)}>")(
+            (math.ceil(tokens * num_kv_heads * head_dim // 8 / 256),), (256,),
+            (k, v, k_cache, v_cache, kv_scales[0], kv_scales[1], slot_mapping, np.int32(tokens),
+             np.int32(num_kv_heads), np.int32(head_dim), np.int32(block_size), np.int64(k_stride), np.int64(v_stride)))
+    elif total:
         kernel("cache.cu", f"write_kv<{ctype(k.dtype)}>")(
             (math.ceil(total / 256),), (256,),
             (k, v, k_cache, v_cache, slot_mapping, np.int32(tokens), np.int32(num_kv_heads), np.int32(head_dim),
              np.int32(block_size), np.int64(k_stride), np.int64(v_stride)))
 
 
-def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array) -> None:
-    """Blocks src[i] -> dst[i] in every layer of the caches [layers, blocks, Hkv, block_size, D]."""
-    _require(k_cache.ndim == 5 and k_cache.shape == v_cache.shape and k_cache.flags.c_contiguous
-             and v_cache.flags.c_contiguous, "copy_blocks: caches must be contiguous [layers, blocks, ...]")
+def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array,
+                kv_scales: tuple[Array, Array] | None = None) -> None:
+    """Blocks src[i] -> dst[i] in every layer of the caches [layers, blocks, Hkv, block_size, D], and of the FP8
+    scales [layers, blocks, Hkv, block_size] when given."""
+    pairs = [(k_cache, v_cache)] + ([tuple(kv_scales)] if kv_scales is not None else [])
+    for k, v in pairs:
+        _require(k.ndim >= 3 and k.shape == v.shape and k.dtype == v.dtype and k.flags.c_contiguous
+                 and v.flags.c_contiguous, "copy_blocks: caches must be contiguous [layers, blocks, ...] pairs")
     if len(src) == 0:
         return
     src, dst = cupy.asarray(src, dtype=cupy.int32), cupy.asarray(dst, dtype=cupy.int32)
-    layers, num_blocks = k_cache.shape[:2]
-    block_vecs = k_cache[0, 0].nbytes // 16
-    kernel("cache.cu", "copy_blocks")((len(src), layers), (256,),
-                                      (k_cache, v_cache, src, dst, np.int64(num_blocks), np.int32(block_vecs)))
+    for k, v in pairs:
+        layers, num_blocks = k.shape[:2]
+        unit = 16 if k[0, 0].nbytes % 16 == 0 else 1
+        kernel("cache.cu", f"copy_blocks<{'uint4' if unit == 16 else 'unsigned char'}>")(
+            (len(src), layers), (256,), (k, v, src, dst, np.int64(num_blocks), np.int32(k[0, 0].nbytes // unit)))
 
 
 # ---------------------------------------------------------------------------------------------------- attention
@@ -449,8 +482,9 @@ def _tc_smem(partition: int, block_size: int) -> int:
 
 def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: np.dtype,
                 max_seq_len: int, partition: int | None = None, grid_splits: int | None = None,
-                capacity_len: int | None = None) -> DecodePlan:
-    """Plan the decode attention of `batch` sequences whose longest context is max_seq_len.
+                capacity_len: int | None = None, fp8: bool = False) -> DecodePlan:
+    """Plan the decode attention of `batch` sequences whose longest context is max_seq_len, for q (and output) of
+    `dtype` over a cache of that dtype, or of FP8 codes with `fp8` (the tensor-core kernel only).
 
     `partition` overrides the heuristic (tests, tuning); `grid_splits` fixes the grid (tests of the looping path);
     `capacity_len` plans for a CUDA graph: the workspace, the shared memory and a partition buffer of its own are
@@ -462,7 +496,12 @@ def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, bl
     chunks = group // heads
     t = ctype(dtype)
     tc = _tc_supported(dtype, head_dim, block_size)
-    kernel_name = f"paged_decode_tc<{t}, {head_dim}, {heads}>" if tc else f"paged_decode_simt<{t}, {head_dim}, {heads}>"
+    _require(not fp8 or fp8_supported(dtype, head_dim, block_size),
+             f"paged_decode_attention: no FP8 kernel for {np.dtype(dtype).name} with head_dim {head_dim}, "
+             f"block_size {block_size} (needs float16/bfloat16, head_dim 64/128/256)")
+    cache_t = FP8_CTYPE if fp8 else t
+    kernel_name = (f"paged_decode_tc<{t}, {cache_t}, {head_dim}, {heads}>" if tc
+                   else f"paged_decode_simt<{t}, {head_dim}, {heads}>")
     plan = DecodePlan(kernel_name, f"paged_decode_reduce<{t}, {head_dim}>", tc, heads, chunks,
                       batch * num_kv_heads * chunks, block_size.bit_length() - 1 if tc else block_size, 0, 0, 0, 0,
                       None, None, None)
@@ -508,8 +547,9 @@ def set_partition(plan: DecodePlan, max_seq_len: int) -> None:
 
 
 def run_decode(out: Array, q: Array, k_cache: Array, v_cache: Array, block_tables: Array, seq_lens: Array,
-               plan: DecodePlan, scale: float) -> None:
-    """out [B, Hq, D] (contiguous) = attention of one query per sequence, q [B, Hq, D], as `plan` says."""
+               plan: DecodePlan, scale: float, kv_scales: tuple[Array, Array] | None = None) -> None:
+    """out [B, Hq, D] (contiguous) = attention of one query per sequence, q [B, Hq, D], as `plan` says (a plan
+    made with fp8=True for an FP8 cache, whose scales come in kv_scales)."""
     batch, num_heads, head_dim = q.shape
     if batch == 0:
         return
@@ -520,9 +560,11 @@ def run_decode(out: Array, q: Array, k_cache: Array, v_cache: Array, block_table
         q_stride = num_heads * head_dim
     tables = block_tables if _name(block_tables) == "int32" else block_tables.astype(cupy.int32)
     lens = seq_lens if _name(seq_lens) == "int32" else seq_lens.astype(cupy.int32)
+    scale_args = (k_cache, v_cache) if kv_scales is None else tuple(kv_scales)  # not read without FP8
+    args = (k_cache, v_cache) + (scale_args if plan.tensor_cores else ())
     kernel("paged_attention.cu", plan.kernel)(
         (num_kv_heads * plan.chunks, plan.grid_splits, batch), (THREADS,),
-        (out, plan.part_out, plan.part_ml, q, np.int64(q_stride), k_cache, v_cache, tables,
+        (out, plan.part_out, plan.part_ml, q, np.int64(q_stride)) + args + (tables,
          np.int32(tables.shape[1]), lens, np.int32(num_kv_heads), np.int32(num_heads // num_kv_heads),
          np.int32(plan.chunks), np.int32(plan.block_arg), plan.partition_buf, np.int32(plan.max_splits),
          np.float32(scale * LOG2E)), shared_mem=plan.smem)
@@ -534,28 +576,29 @@ def run_decode(out: Array, q: Array, k_cache: Array, v_cache: Array, block_table
 
 def paged_decode_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, block_tables: Array,
                            seq_lens: Array, max_seq_len: int, scale: float, partition: int | None = None,
-                           grid_splits: int | None = None) -> None:
+                           grid_splits: int | None = None, kv_scales: tuple[Array, Array] | None = None) -> None:
     """out [B, Hq, D] (contiguous) = attention of one query per sequence, q [B, Hq, D], over the paged cache.
 
     block_tables int32 [B, max_blocks], seq_lens int32 [B] (every entry >= 1), max_seq_len >= max(seq_lens).
     `partition` (tokens per CTA, a multiple of 64) overrides the heuristic and `grid_splits` the grid: for tests
-    and tuning.
+    and tuning. kv_scales: an FP8 cache's (k_scale, v_scale).
     """
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     plan = decode_plan(batch, num_heads, num_kv_heads, head_dim, block_size, q.dtype, max_seq_len, partition,
-                       grid_splits)
-    run_decode(out, q, k_cache, v_cache, block_tables, seq_lens, plan, scale)
+                       grid_splits, fp8=kv_scales is not None)
+    run_decode(out, q, k_cache, v_cache, block_tables, seq_lens, plan, scale, kv_scales)
 
 
 def _prefill_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata,
-                       sequences: range, scale: float) -> None:
+                       sequences: range, scale: float, kv_scales: tuple[Array, Array] | None = None) -> None:
     """Reference math on the GPU for the given sequences: gather K/V, causal attention in query chunks."""
     qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
+    k_scale, v_scale = kv_scales if kv_scales is not None else (None, None)
     for b in sequences:
         start, end, seq_len = int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b])
-        keys = reference.gather_kv(k_cache, meta.block_tables[b], seq_len).astype(cupy.float32)
-        values = reference.gather_kv(v_cache, meta.block_tables[b], seq_len).astype(cupy.float32)
+        keys = reference.gather_kv(k_cache, meta.block_tables[b], seq_len, k_scale).astype(cupy.float32)
+        values = reference.gather_kv(v_cache, meta.block_tables[b], seq_len, v_scale).astype(cupy.float32)
         first = seq_len - (end - start)
         rows = max(16, SCORE_BUDGET // (q.shape[1] * seq_len))  # bounds the [H, rows, L] score matrix
         for c in range(start, end, rows):
@@ -566,16 +609,18 @@ def _prefill_attention(out: Array, q: Array, k_cache: Array, v_cache: Array, met
 
 
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float,
-                    out: Array | None = None) -> Array:
+                    out: Array | None = None, kv_scales: tuple[Array, Array] | None = None) -> Array:
     """Causal attention of q [T, Hq, D] over one layer's paged cache: decode rows (one new token per sequence,
     rows num_prefill_tokens:) through the decode kernels, prefill rows through the flash prefill kernel (fp16 and
-    bf16, head_dim 64/128; other cases through the reference math). Into `out` (contiguous, q's shape) if given."""
+    bf16, head_dim 64/128; other cases through the reference math). Into `out` (contiguous, q's shape) if given.
+    kv_scales: the layer's (k_scale, v_scale) when the cache holds FP8 codes (kv_cache.KVCache)."""
     _require_float("paged_attention q", q)
-    _check_cache(k_cache, v_cache)
+    _check_cache(k_cache, v_cache, kv_scales)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
+    fp8 = kv_scales is not None
     _require(q.ndim == 3 and q.shape[2] == head_dim and q.shape[1] % num_kv_heads == 0,
              f"paged_attention: q {q.shape} must be [T, Hq, {head_dim}] with Hq a multiple of {num_kv_heads}")
-    _require(q.dtype == k_cache.dtype, f"paged_attention: q is {_name(q)} but the cache is {_name(k_cache)}")
+    _require(fp8 or q.dtype == k_cache.dtype, f"paged_attention: q is {_name(q)} but the cache is {_name(k_cache)}")
     if out is None:
         out = cupy.empty(q.shape, dtype=q.dtype)
     _require(out.shape == q.shape and out.dtype == q.dtype and out.flags.c_contiguous,
@@ -585,17 +630,17 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMet
     _require(int(meta.query_start_loc_host[-1]) == q.shape[0] if num_seqs else q.shape[0] == 0,
              f"paged_attention: metadata describes {int(meta.query_start_loc_host[-1]) if num_seqs else 0} "
              f"tokens, q has {q.shape[0]}")
-    if not decode_supported(q.dtype, head_dim, block_size):
-        _prefill_attention(out, q, k_cache, v_cache, meta, range(num_seqs), scale)
+    if not (fp8_supported if fp8 else decode_supported)(q.dtype, head_dim, block_size):
+        _prefill_attention(out, q, k_cache, v_cache, meta, range(num_seqs), scale, kv_scales)
         return out
     if prefills and FLASH_PREFILL and flash_prefill.supported(q.dtype, head_dim):
-        flash_prefill.flash_prefill_attention(q, k_cache, v_cache, meta, scale, out=out)
+        flash_prefill.flash_prefill_attention(q, k_cache, v_cache, meta, scale, out=out, kv_scales=kv_scales)
     else:
-        _prefill_attention(out, q, k_cache, v_cache, meta, range(prefills), scale)
+        _prefill_attention(out, q, k_cache, v_cache, meta, range(prefills), scale, kv_scales)
     if num_seqs > prefills:
         if meta.decode_plan is None:  # planned once per step, for all layers (a captured graph brings its own)
             meta.decode_plan = decode_plan(num_seqs - prefills, q.shape[1], num_kv_heads, head_dim, block_size,
-                                           q.dtype, int(meta.seq_lens_host[prefills:].max()))
+                                           q.dtype, int(meta.seq_lens_host[prefills:].max()), fp8=fp8)
         run_decode(out[prefill_tokens:], q[prefill_tokens:], k_cache, v_cache, meta.block_tables[prefills:],
-                   meta.seq_lens[prefills:], meta.decode_plan, scale)
+                   meta.seq_lens[prefills:], meta.decode_plan, scale, kv_scales)
     return out

@@ -129,13 +129,16 @@ def _index_array(cupy, name: str, a: Array, ndim: int) -> Array:
 
 def flash_prefill_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float,
                             out: Array | None = None, *, num_seqs: int | None = None,
-                            config: tuple[int, int, int] | None = None) -> Array:
+                            config: tuple[int, int, int] | None = None,
+                            kv_scales: tuple[Array, Array] | None = None) -> Array:
     """Causal attention of the prefill rows of q [T, Hq, D] over one layer's paged cache; returns out.
 
     k_cache, v_cache: one layer's [num_blocks, Hkv, block_size, D] (C-contiguous, block_size a power of two).
     Sequences 0:num_seqs (default meta.num_prefills), i.e. rows 0:meta.query_start_loc_host[num_seqs], are
     computed; out (default: a new [that many rows, Hq, D] array) gets those rows and nothing else.
-    fp16 or bf16, D in (64, 128), Hq a multiple of Hkv, scale > 0.
+    fp16 or bf16, D in (64, 128), Hq a multiple of Hkv, scale > 0. An FP8 cache holds uint8 e4m3 codes, and
+    kv_scales its (k_scale, v_scale) exponents [num_blocks, Hkv, block_size] (cupaged/fp8.py); the kernel
+    dequantizes the tiles as it gathers them.
     """
     import cupy
 
@@ -149,9 +152,15 @@ def flash_prefill_attention(q: Array, k_cache: Array, v_cache: Array, meta: Atte
     if q.ndim != 3:
         raise ValueError(f"q must be [tokens, num_heads, head_dim], got {tuple(q.shape)}")
     num_heads = q.shape[1]
-    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+    fp8 = kv_scales is not None
+    if (q.dtype != k_cache.dtype and not fp8) or v_cache.dtype != k_cache.dtype:
         raise TypeError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, "
                         f"{v_cache.dtype}")
+    if fp8 and (k_cache.dtype != np.uint8 or len(kv_scales) != 2
+                or any(not isinstance(a, cupy.ndarray) or a.dtype != np.uint8 or a.shape != k_cache.shape[:3]
+                       or not a.flags.c_contiguous for a in kv_scales)):
+        raise TypeError(f"an FP8 cache is uint8 codes with kv_scales two contiguous uint8 "
+                        f"{tuple(k_cache.shape[:3])} arrays, got {k_cache.dtype}")
     if not supported(q.dtype, head_dim):
         raise ValueError(f"flash prefill covers dtypes {DTYPES} and head_dim {HEAD_DIMS}, got {q.dtype.name} "
                          f"and {head_dim}")
@@ -201,13 +210,15 @@ def flash_prefill_attention(q: Array, k_cache: Array, v_cache: Array, meta: Atte
     work = _work(meta, num_seqs, block_rows(cfg), block_n)
     if work.shape[0] == 0:
         return out
-    fn = kernel(KERNEL_FILE, f"flash_prefill<{ctype(q.dtype)}, {head_dim}, {warps}, {m_tiles}, {block_n}>")
+    cache_t = "cupaged::e4m3" if fp8 else ctype(q.dtype)
+    fn = kernel(KERNEL_FILE, f"flash_prefill<{ctype(q.dtype)}, {cache_t}, {head_dim}, {warps}, {m_tiles}, {block_n}>")
     smem = smem_bytes(head_dim, cfg, q.itemsize)
     if smem > 48 * 1024 and _smem_limit.get(id(fn), (None, 0))[1] < smem:  # opt in beyond 48 KiB, once
         fn.max_dynamic_shared_size_bytes = smem
         _smem_limit[id(fn)] = (fn, smem)  # holding fn keeps its id from being reused
     fn((work.shape[0] * num_heads,), (warps * 32,),
-       (out, np.int64(o_stride), q_rows, np.int64(q_stride), k_cache, v_cache, block_tables,
+       (out, np.int64(o_stride), q_rows, np.int64(q_stride), k_cache, v_cache,
+        *(kv_scales if fp8 else (k_cache, v_cache)), block_tables,
         np.int32(block_tables.shape[1]), query_start_loc, seq_lens, work, np.int32(num_heads),
         np.int32(num_kv_heads), np.int32(int(math.log2(block_size))), np.float32(scale * LOG2E)),
        shared_mem=smem)

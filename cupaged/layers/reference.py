@@ -2,12 +2,19 @@
 
 These define what every op means. Internals are computed in float32 and results returned in the input dtype,
 as the CUDA kernels do. The CUDA kernels in `cuda_ops` are tested against these functions.
+
+An FP8 KV cache (kv_cache.KVCache with kv_cache_dtype fp8_e4m3) holds uint8 codes and per-row scale exponents;
+the cache ops take the scales as `kv_scales=(k_scale, v_scale)` and quantize / dequantize through cupaged/fp8.py,
+which is NumPy: CuPy arrays make a round trip through the host there (a test oracle, not a fast path).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from cupaged import fp8
 from cupaged.device import array_module
 from cupaged.kv_cache import AttentionMetadata
 
@@ -63,20 +70,37 @@ def silu_and_mul(x: Array) -> Array:
     return (gate / (1.0 + xp.exp(-gate)) * up).astype(x.dtype)
 
 
-def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array) -> None:
-    """Store k, v [T, Hkv, D] into one layer's caches [num_blocks, Hkv, block_size, D] at their slots (-1: skip)."""
+def _host(a: Array) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array,
+             kv_scales: tuple[Array, Array] | None = None) -> None:
+    """Store k, v [T, Hkv, D] into one layer's caches [num_blocks, Hkv, block_size, D] at their slots (-1: skip).
+
+    With kv_scales (one layer's k_scale, v_scale [num_blocks, Hkv, block_size]) the caches hold FP8 codes: each
+    (token, head) row is quantized with its own scale (fp8.quantize_rows)."""
     block_size = k_cache.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, :, offsets] = k[keep]
-    v_cache[blocks, :, offsets] = v[keep]
+    if kv_scales is None:
+        k_cache[blocks, :, offsets] = k[keep]
+        v_cache[blocks, :, offsets] = v[keep]
+        return
+    xp = array_module(k_cache)
+    for x, cache, scales in ((k, k_cache, kv_scales[0]), (v, v_cache, kv_scales[1])):
+        codes, exponents = fp8.quantize_rows(_host(x[keep]).astype(np.float32))
+        cache[blocks, :, offsets] = xp.asarray(codes)
+        scales[blocks, :, offsets] = xp.asarray(exponents)
 
 
-def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array) -> None:
-    """Copy blocks src[i] -> dst[i] in every layer of the caches [layers, blocks, Hkv, block_size, D]."""
-    k_cache[:, dst] = k_cache[:, src]
-    v_cache[:, dst] = v_cache[:, src]
+def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array,
+                kv_scales: tuple[Array, Array] | None = None) -> None:
+    """Copy blocks src[i] -> dst[i] in every layer of the caches [layers, blocks, Hkv, block_size, D] (and of the
+    FP8 scales [layers, blocks, Hkv, block_size] when given)."""
+    for cache in (k_cache, v_cache) + (tuple(kv_scales) if kv_scales is not None else ()):
+        cache[:, dst] = cache[:, src]
 
 
 def tempered_probs(logits: Array, temperature: Array, min_p: Array) -> Array:
@@ -108,13 +132,19 @@ def sample_rows(logits: Array, temperature: Array, min_p: Array, uniform: Array)
     return xp.where(greedy, xp.argmax(logits, axis=-1), inverse_cdf(probs, uniform)).astype(xp.int32)
 
 
-def gather_kv(cache: Array, block_table: Array, seq_len: int) -> Array:
-    """The first seq_len tokens of one sequence from one layer's cache, as [Hkv, seq_len, D]."""
+def gather_kv(cache: Array, block_table: Array, seq_len: int, scale: Array | None = None) -> Array:
+    """The first seq_len tokens of one sequence from one layer's cache, as [Hkv, seq_len, D]; with `scale` (the
+    layer's FP8 scale exponents [num_blocks, Hkv, block_size]) the codes dequantized to float32."""
     xp = array_module(cache)
     num_blocks = -(-seq_len // cache.shape[2])
-    tiles = cache[block_table[:num_blocks]]                      # [nb, Hkv, bs, D]
-    tiles = xp.moveaxis(tiles, 1, 0)                             # [Hkv, nb, bs, D]
-    return tiles.reshape(tiles.shape[0], -1, tiles.shape[-1])[:, :seq_len]
+
+    def tokens(a: Array) -> Array:  # [nb, Hkv, bs, ...] -> [Hkv, seq_len, ...]
+        a = xp.moveaxis(a[block_table[:num_blocks]], 1, 0)
+        return a.reshape((a.shape[0], -1) + a.shape[3:])[:, :seq_len]
+
+    if scale is None:
+        return tokens(cache)
+    return xp.asarray(fp8.dequantize_rows(_host(tokens(cache)), _host(tokens(scale))))
 
 
 def attend(queries: Array, keys: Array, values: Array, first_position: int, scale: float) -> Array:
@@ -137,19 +167,20 @@ def attend(queries: Array, keys: Array, values: Array, first_position: int, scal
 
 
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float,
-                    out: Array | None = None) -> Array:
+                    out: Array | None = None, kv_scales: tuple[Array, Array] | None = None) -> Array:
     """Causal grouped-query attention of q [T, Hq, D] over one layer's paged cache; returns [T, Hq, D] (`out` if
     given).
 
     Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; its j-th new token sits at position
-    seq_len - query_len + j and sees every cached position up to its own.
+    seq_len - query_len + j and sees every cached position up to its own. kv_scales: as in write_kv (FP8 cache).
     """
     xp = array_module(q)
     out = xp.empty_like(q) if out is None else out
     qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
     for b in range(len(seq_lens)):
         start, end, seq_len = int(qsl[b]), int(qsl[b + 1]), int(seq_lens[b])
-        keys = gather_kv(k_cache, meta.block_tables[b], seq_len).astype(xp.float32)      # [Hkv, L, D]
-        values = gather_kv(v_cache, meta.block_tables[b], seq_len).astype(xp.float32)
+        k_scale, v_scale = kv_scales if kv_scales is not None else (None, None)
+        keys = gather_kv(k_cache, meta.block_tables[b], seq_len, k_scale).astype(xp.float32)      # [Hkv, L, D]
+        values = gather_kv(v_cache, meta.block_tables[b], seq_len, v_scale).astype(xp.float32)
         out[start:end] = attend(q[start:end], keys, values, seq_len - (end - start), scale).astype(q.dtype)
     return out

@@ -173,7 +173,7 @@ class LlamaModel:
         hidden, residual = self.embed_tokens(input_ids), None
         for i in range(len(self.layers)):
             q, residual = self.attention_inputs(i, hidden, residual, meta.positions, meta.slot_mapping, cache)
-            attn = self.ops.paged_attention(q, cache.k[i], cache.v[i], meta, self.scale)
+            attn = self.ops.paged_attention(q, cache.k[i], cache.v[i], meta, self.scale, kv_scales=cache.scales(i))
             hidden, residual = self.attention_outputs(i, attn, residual)
         return self.final_norm_of(hidden, residual)
 
@@ -211,7 +211,7 @@ class LlamaModel:
             q = ops.rms_norm(q, layer.q_norm, eps)
             k = ops.rms_norm(k, layer.k_norm, eps)
         q, k = ops.apply_rotary(q, k, positions, self.cos_sin)
-        ops.write_kv(k, v, cache.k[i], cache.v[i], slot_mapping)
+        ops.write_kv(k, v, cache.k[i], cache.v[i], slot_mapping, kv_scales=cache.scales(i))
         return q, residual
 
     def attention_outputs(self, i: int, attn: Array, residual: Array) -> tuple[Array, Array]:

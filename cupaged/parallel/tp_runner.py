@@ -29,14 +29,15 @@ class TensorParallelRunner:
 
     def __init__(self, tp: int, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype, device: str,
                  xp: ModuleType, block_size: int, max_num_batched_tokens: int, max_model_len: int,
-                 max_num_seqs: int):
+                 max_num_seqs: int, kv_cache_dtype: str = "auto"):
         self.config, self.dtype, self.device, self.xp = config, dtype, device, xp
         self.group = ThreadGroup(tp)
         self.ranks: list[ModelRunner] = []
         for comm in self.group.communicators:
             shard = RankShard.of(config, comm)
             self.ranks.append(ModelRunner(shard.config, shard.shard_tensors(tensors, config), dtype, device, xp,
-                                          block_size, max_num_batched_tokens, max_model_len, max_num_seqs, shard))
+                                          block_size, max_num_batched_tokens, max_model_len, max_num_seqs,
+                                          kv_cache_dtype, shard))
         logger.info("tensor parallel: %d ranks, each with %d of %d attention heads, %d key/value heads, %d of %d "
                     "MLP rows", tp, shard.config.num_heads, config.num_heads, shard.config.num_kv_heads,
                     shard.config.intermediate_size, config.intermediate_size)
