@@ -82,3 +82,16 @@ def run_to_end(engine, limit: int = 2000) -> dict:
                 assert out.request_id not in done, "a request finished twice"
                 done[out.request_id] = out
     pytest.fail("the engine did not finish its requests")
+
+
+def shuffled_block_tables(rng: np.random.Generator, seq_lens: list[int], block_size: int,
+                          num_blocks: int) -> list[list[int]]:
+    """Block tables for sequences of seq_lens tokens, their blocks drawn from a shuffled range(num_blocks): kernels
+    must follow the table, not assume neighbouring blocks."""
+    physical = rng.permutation(num_blocks)
+    tables, used = [], 0
+    for s in seq_lens:
+        n = -(-s // block_size)
+        tables.append(physical[used:used + n].tolist())
+        used += n
+    return tables

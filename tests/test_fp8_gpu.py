@@ -14,6 +14,7 @@ import pytest
 
 from cupaged.fp8 import E4M3_NAN, decode_e4m3, encode_e4m3, quantize_rows
 from cupaged.kv_cache import AttentionMetadata
+from helpers import shuffled_block_tables
 
 pytestmark = pytest.mark.gpu
 
@@ -170,12 +171,7 @@ def fp8_batch(rng, query_lens, seq_lens, kv_heads, head_dim, block_size, spare_b
     import cupy
 
     num_blocks = sum(-(-s // block_size) for s in seq_lens) + spare_blocks
-    physical = rng.permutation(num_blocks)
-    tables, used = [], 0
-    for s in seq_lens:
-        n = -(-s // block_size)
-        tables.append(physical[used:used + n].tolist())
-        used += n
+    tables = shuffled_block_tables(rng, seq_lens, block_size, num_blocks)
     (k_cache, v_cache), (k_scale, v_scale) = fp8_cache(1, num_blocks, kv_heads, block_size, head_dim)
     host = [a[0].get() for a in (k_cache, v_cache, k_scale, v_scale)]
     for s, table in zip(seq_lens, tables):

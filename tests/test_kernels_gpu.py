@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cupaged.kv_cache import AttentionMetadata
+from helpers import shuffled_block_tables
 
 pytestmark = pytest.mark.gpu
 
@@ -207,12 +208,7 @@ def random_batch(rng, query_lens, seq_lens, block_size, num_blocks, k_cache=None
     """Metadata with a shuffled block table; cache slots no sequence owns are set to NaN."""
     import cupy
 
-    physical = rng.permutation(num_blocks)
-    tables, used = [], 0
-    for s in seq_lens:
-        n = -(-s // block_size)
-        tables.append(physical[used:used + n].tolist())
-        used += n
+    tables = shuffled_block_tables(rng, seq_lens, block_size, num_blocks)
     for cache in (k_cache, v_cache):
         if cache is None:
             continue
@@ -437,8 +433,6 @@ def test_decode_attention_replayed_from_one_graph(ops, dtype) -> None:
 def test_sample_rows_is_the_inverse_cdf(ops, vocab) -> None:
     """Greedy rows are the argmax; sampled rows are the token whose CDF interval (float64, from the reference's
     weights) holds u * total, up to float32 rounding of the running sums."""
-    import cupy
-
     rng = np.random.default_rng()
     batch = 48
     logits = rand((batch, vocab), "float32", rng, scale=3.0)
