@@ -7,6 +7,11 @@
 // over fixed 256-token segments in a fixed order, so a row's result does not depend on the rows around it (a
 // seeded request samples the same tokens whatever shares its batch) or on the launch.
 //
+// Structured outputs: a row may come with a packed mask (llguidance's layout: bit i % 32 of word i / 32 allows token
+// i); a token it does not allow reads as -inf, so the logits are neither copied nor written. Rows with top-k / top-p
+// are masked in place by mask_logits before their sort instead: that path already writes [B, V] arrays, and masking
+// inside it would mean a sort kernel of our own.
+//
 // Pass 1 (all warps): the maximum and its first index. Pass 2 (all warps): each segment's weight sum into shared
 // memory. Pass 3 (warp 0): scan the segment sums for the segment where the running sum reaches the target, then
 // scan that segment's weights.
@@ -17,10 +22,24 @@ namespace {
 
 constexpr int THREADS = 1024, WARPS = THREADS / 32, PER_LANE = 8, SEGMENT = 32 * PER_LANE;
 
-__device__ __forceinline__ float weight(const float* x, int i, int vocab, float m, float inv_t, float min_p) {
+// Logit i of a row, -inf where the row's mask (null: none) does not allow token i.
+__device__ __forceinline__ float logit(const float* x, const unsigned* mask, int i) {
+    if (mask != nullptr && !((mask[i >> 5] >> (i & 31)) & 1u)) return neg_inf();
+    return x[i];
+}
+
+__device__ __forceinline__ float weight(const float* x, const unsigned* mask, int i, int vocab, float m, float inv_t,
+                                        float min_p) {
     if (i >= vocab) return 0.f;
-    const float w = expf((x[i] - m) * inv_t);
+    const float w = expf((logit(x, mask, i) - m) * inv_t);
     return w >= min_p ? w : 0.f;
+}
+
+// The mask of row b: null when there are no masks (has_masks 0) or the row has none (mask_rows[b] < 0).
+__device__ __forceinline__ const unsigned* row_mask(int b, int has_masks, const int* mask_rows,
+                                                    const unsigned* bitmask, int words) {
+    if (!has_masks || mask_rows[b] < 0) return nullptr;
+    return bitmask + static_cast<long long>(mask_rows[b]) * words;
 }
 
 // Inclusive prefix sum over the lanes of a warp.
@@ -36,22 +55,26 @@ __device__ __forceinline__ float warp_scan(float v, int lane) {
 }  // namespace
 
 // tokens[b] for row b of logits (row stride `stride`, `vocab` entries); temperature, min_p, uniform: one per row.
+// With has_masks, row b's mask is bitmask[mask_rows[b]] (`words` = ceil(vocab / 32) ints a mask), none where
+// mask_rows[b] is -1; without, neither pointer is read. A mask must allow at least one token (the engine sees to it).
 // Dynamic shared memory: 4 * ceil(vocab / 256) bytes.
 extern "C" __global__ void __launch_bounds__(THREADS)
 sample_rows(int* __restrict__ tokens, const float* __restrict__ logits, long long stride, int vocab,
             const float* __restrict__ temperature, const float* __restrict__ min_p,
-            const float* __restrict__ uniform) {
+            const float* __restrict__ uniform, int has_masks, const int* __restrict__ mask_rows,
+            const unsigned* __restrict__ bitmask, int words) {
     extern __shared__ float s_seg[];
     __shared__ float s_max[WARPS];
     __shared__ int s_arg[WARPS];
     const int b = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const float* x = logits + b * stride;
+    const unsigned* mask = row_mask(b, has_masks, mask_rows, bitmask, words);
 
     // ---- pass 1: max, first index of it (ties: the lowest index, as numpy's argmax)
     float best = neg_inf();
     int arg = vocab;
     for (int i = tid; i < vocab; i += THREADS) {
-        const float v = x[i];
+        const float v = logit(x, mask, i);
         if (v > best || (arg == vocab && i < arg)) { best = v; arg = i; }  // the first value seen always counts
     }
 #pragma unroll
@@ -78,7 +101,7 @@ sample_rows(int* __restrict__ tokens, const float* __restrict__ logits, long lon
     for (int s = warp; s < segments; s += WARPS) {
         float sum = 0.f;
 #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) sum += weight(x, s * SEGMENT + 32 * j + lane, vocab, best, inv_t, mp);
+        for (int j = 0; j < PER_LANE; ++j) sum += weight(x, mask, s * SEGMENT + 32 * j + lane, vocab, best, inv_t, mp);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
         if (lane == 0) s_seg[s] = sum;
@@ -114,7 +137,7 @@ sample_rows(int* __restrict__ tokens, const float* __restrict__ logits, long lon
     int token = -1, last = -1;
     for (int j = 0; j < PER_LANE && token < 0; ++j) {
         const int i = seg * SEGMENT + 32 * j + lane;
-        const float w = weight(x, i, vocab, best, inv_t, mp);
+        const float w = weight(x, mask, i, vocab, best, inv_t, mp);
         const float r = run + warp_scan(w, lane);
         const unsigned hit = __ballot_sync(0xffffffffu, w > 0.f && r >= target);
         const unsigned nonzero = __ballot_sync(0xffffffffu, w > 0.f);
@@ -123,4 +146,15 @@ sample_rows(int* __restrict__ tokens, const float* __restrict__ logits, long lon
         run = __shfl_sync(0xffffffffu, r, 31);
     }
     if (lane == 0) tokens[b] = token >= 0 ? token : last;
+}
+
+// In place: logits[b, i] = -inf where row b's mask does not allow token i (same mask arguments as sample_rows, masks
+// always given). Grid (ceil(vocab / 256), rows), 256 threads: one token a thread.
+extern "C" __global__ void __launch_bounds__(256)
+mask_logits(float* __restrict__ logits, long long stride, int vocab, const int* __restrict__ mask_rows,
+            const unsigned* __restrict__ bitmask, int words) {
+    const int b = blockIdx.y, i = blockIdx.x * 256 + threadIdx.x;
+    const unsigned* mask = row_mask(b, 1, mask_rows, bitmask, words);
+    if (mask == nullptr || i >= vocab) return;
+    if (!((mask[i >> 5] >> (i & 31)) & 1u)) logits[b * stride + i] = neg_inf();
 }

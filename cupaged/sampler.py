@@ -5,6 +5,11 @@ logprobs asked for) come back to the host. Each sequence's random draw is one un
 generator (seeded per request, or the engine's), so a seeded request samples the same tokens whatever else
 shares its batch. Sampling is inverse-CDF on the filtered distribution. A step's rows come as a SamplingMetadata
 of arrays: the engine core builds it from its sequences (engine/sampling.py), the sampler sees no Sequence.
+
+Structured outputs come as packed bitmasks (llguidance's layout, structured.py): on the GPU the fused sampling
+kernel reads them as it reads the logits (a masked token counts as -inf), so nothing [B, V] is copied or written;
+rows filtered by top-k / top-p are masked in place by a small kernel before their sort. On the CPU the NumPy twin
+`apply_token_bitmask` masks the logits first.
 """
 
 from __future__ import annotations
@@ -46,11 +51,15 @@ class SamplingMetadata:
     min_p: np.ndarray                       # float32; 0 disables
     uniform: np.ndarray                     # float64: each row's draw, taken from its generator in row order
     penalties: list[RowPenalties]           # the rows whose logits change first
+    # Structured outputs: the constrained rows' packed masks (int32 [M, ceil(V / 32)]) and each row's mask in it
+    # (int32 [B], -1: unconstrained). None when no row is constrained: such steps sample exactly as before.
+    bitmask: np.ndarray | None = None
+    mask_rows: np.ndarray | None = None
 
     @property
-    def needs_sort(self) -> bool:
-        """Whether a row filters by top-k or top-p (a sort of the whole vocabulary)."""
-        return bool((self.top_k > 0).any() or (self.top_p < 1).any())
+    def sorted_rows(self) -> np.ndarray:
+        """Which rows filter by top-k or top-p (a sort of the whole vocabulary), as booleans."""
+        return (self.top_k > 0) | (self.top_p < 1)
 
 
 def apply_penalties(logits: Array, penalties: list[RowPenalties]) -> Array:
@@ -76,6 +85,27 @@ def apply_penalties(logits: Array, penalties: list[RowPenalties]) -> Array:
     return logits
 
 
+def apply_token_bitmask(logits: Array, bitmask: np.ndarray, mask_rows: np.ndarray) -> Array:
+    """-inf, in place, at every token of a constrained row that its mask does not allow; returns logits. Row b uses
+    bitmask[mask_rows[b]] (bit t % 32 of word t // 32 allows token t); rows with mask_rows[b] < 0 are untouched.
+    The array code of the GPU's masking, and its test oracle; runs on any xp."""
+    xp = array_module(logits)
+    rows = np.flatnonzero(mask_rows >= 0)
+    if rows.size:
+        bits = np.unpackbits(np.ascontiguousarray(bitmask[mask_rows[rows]]).view(np.uint8), axis=-1,
+                             bitorder="little")[:, :logits.shape[-1]]
+        where = xp.asarray(rows)
+        logits[where] = xp.where(xp.asarray(bits.astype(bool)), logits[where], -np.inf)
+    return logits
+
+
+def mask_tokens(logits: Array, bitmask: np.ndarray, mask_rows: np.ndarray) -> Array:
+    """apply_token_bitmask on the logits' device: a kernel on the GPU (the bitmask goes up in stream order)."""
+    if array_module(logits) is np:
+        return apply_token_bitmask(logits, bitmask, mask_rows)
+    return ops_for("cuda").mask_logits(logits, bitmask, mask_rows)
+
+
 def sorted_filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p: Array,
                           min_p: Array) -> tuple[Array, Array]:
     """Probabilities after temperature and the min-p / top-k / top-p filters, each row sorted descending, with
@@ -92,22 +122,44 @@ def sorted_filtered_probs(logits: Array, temperature: Array, top_k: Array, top_p
 
 
 def sample_on_device(logits: Array, meta: SamplingMetadata) -> Array:
-    """The next token of each row, as an int array on the logits' device (nothing waits for it).
+    """The next token of each row (int32), as an array on the logits' device (nothing waits for it).
 
-    Rows without top-k / top-p (the common case) go through `ops.sample_rows`, one fused kernel on the GPU; the
-    others need a sort of the whole vocabulary and run as array code.
+    Rows without top-k / top-p (the common case) go through `ops.sample_rows`, one fused kernel on the GPU that
+    also applies the structured-output masks; the others need a sort of the whole vocabulary and run as array code,
+    on their rows alone: a row's token never depends on which path its neighbours need (seeded requests).
+    The logits are never changed in place: the engine may still read them for logprobs (the raw distribution).
     """
     xp = array_module(logits)
-    if meta.penalties:
+    copied = bool(meta.penalties)
+    if copied:
         logits = apply_penalties(logits.copy(), meta.penalties)
-    if not meta.needs_sort:
-        return ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, meta.temperature, meta.min_p,
-                                                                      meta.uniform)
-    temperature = meta.temperature
+    masked = meta.bitmask is not None
+    if masked and xp is np:
+        logits = apply_token_bitmask(logits if copied else logits.copy(), meta.bitmask, meta.mask_rows)
+        copied, masked = True, False
+    sort = meta.sorted_rows
+    tokens = None
+    if not sort.all():
+        masks = dict(bitmask=meta.bitmask, mask_rows=meta.mask_rows) if masked else {}
+        tokens = ops_for("cuda" if xp is not np else "cpu").sample_rows(logits, meta.temperature, meta.min_p,
+                                                                        meta.uniform, **masks)
+    if not sort.any():
+        return tokens
+    rows = np.flatnonzero(sort)
+    if not sort.all():
+        logits, copied = logits[xp.asarray(rows)], True  # a gather: a copy
+    if masked:  # in place before the sort (the fused kernel's masking is for the rows it samples)
+        logits = mask_tokens(logits if copied else logits.copy(), meta.bitmask, meta.mask_rows[rows])
+    temperature = meta.temperature[rows]
     probs, order = sorted_filtered_probs(logits, xp.asarray(np.where(temperature > 0, temperature, 1)),
-                                         xp.asarray(meta.top_k), xp.asarray(meta.top_p), xp.asarray(meta.min_p))
-    sampled = xp.take_along_axis(order, inverse_cdf(probs, xp.asarray(meta.uniform))[:, None], axis=-1)[:, 0]
-    return xp.where(xp.asarray(temperature <= 0), xp.argmax(logits, axis=-1), sampled)
+                                         xp.asarray(meta.top_k[rows]), xp.asarray(meta.top_p[rows]),
+                                         xp.asarray(meta.min_p[rows]))
+    sampled = xp.take_along_axis(order, inverse_cdf(probs, xp.asarray(meta.uniform[rows]))[:, None], axis=-1)[:, 0]
+    chosen = xp.where(xp.asarray(temperature <= 0), xp.argmax(logits, axis=-1), sampled).astype(xp.int32)
+    if tokens is None:
+        return chosen
+    tokens[xp.asarray(rows)] = chosen
+    return tokens
 
 
 def log_softmax(logits: Array) -> Array:

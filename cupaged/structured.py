@@ -3,13 +3,18 @@
 llguidance does the work. A request's constraint (a JSON schema, json_object, a regex, a choice among strings or a
 Lark grammar) is compiled to an llguidance grammar once, checked without a tokenizer (the fronts refuse a bad one
 before it leaves them), and turned into an `LLMatcher` per sequence by the core, which owns the one
-`LLTokenizer` built from the model's tokenizer. Before each sampling step a matcher gives the token ids it allows
-(a bitmask computed on the host, unpacked to ids); the sampler masks every other token of that row. After a token
-is appended the matcher consumes it; a stopped matcher ends its sequence.
+`LLTokenizer` built from the model's tokenizer. Before each sampling step the matchers of the step's constrained
+rows fill a packed bitmask (llguidance's layout: int32 [rows, ceil(V / 32)], bit t % 32 of word t // 32 set when
+token t is allowed), in parallel on llguidance's threads; the sampler masks every other token of those rows (on
+the GPU inside the sampling kernel). After a token is appended the matcher consumes it; a stopped matcher ends
+its sequence. A matcher only ever consumes tokens the host has processed, never one still on the device, so it
+needs no rollback: a token dropped after a stop was never consumed, and a preempted sequence recomputes the KV of
+tokens its matcher has already consumed.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -61,7 +66,7 @@ class Matcher:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self._matcher = matcher
-        self._vocab_size = vocab_size
+        self.vocab_size = vocab_size  # the logits' width: a mask row has ceil(vocab_size / 32) words
 
     @classmethod
     def create(cls, tokenizer: llguidance.LLTokenizer, grammar: str) -> "Matcher":
@@ -71,13 +76,6 @@ class Matcher:
         if matcher.is_error():
             raise SamplingParamsError("structured_outputs", f"structured_outputs: {matcher.get_error()}")
         return cls(matcher, tokenizer.vocab_size)
-
-    def allowed(self) -> np.ndarray:
-        """The token ids the grammar allows next (int64, sorted): EOS alone once it is complete."""
-        bitmask = llguidance.numpy.allocate_token_bitmask(1, self._vocab_size)
-        llguidance.numpy.fill_next_token_bitmask(self._matcher, bitmask)
-        bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:self._vocab_size]
-        return np.flatnonzero(bits)
 
     def consume(self, token: int) -> bool:
         """Advance past a sampled token; False (logged) if the grammar does not allow it, which masking prevents
@@ -97,5 +95,34 @@ class Matcher:
 
     def copy(self) -> "Matcher":
         """An independent copy at the same place, for a forked sequence (n > 1, beams)."""
-        return Matcher(self._matcher.deep_copy(), self._vocab_size)
+        return Matcher(self._matcher.deep_copy(), self.vocab_size)
 
+
+
+@functools.cache
+def _executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool, which fills many matchers' masks at once without holding the GIL."""
+    return llguidance.LLExecutor()
+
+
+_buffer = np.zeros((0, 0), np.int32)  # fill_bitmasks' rows, kept between steps
+
+
+def fill_bitmasks(matchers: list[Matcher]) -> np.ndarray:
+    """The packed masks of the tokens each matcher allows next: int32 [len(matchers), ceil(V / 32)], row i for
+    matchers[i] (a complete grammar allows EOS alone). llguidance writes every word of a row, so the rows live in a
+    buffer kept from call to call (128 rows of a 151,936-token vocabulary are 2.4 MB: not allocated and cleared each
+    step): they hold until the next call, which the engine's single thread reaches only after using them."""
+    global _buffer
+    words = -(-matchers[0].vocab_size // 32)
+    if _buffer.shape[0] < len(matchers) or _buffer.shape[1] != words:
+        _buffer = np.empty((max(len(matchers), 2 * _buffer.shape[0]), words), np.int32)
+    bitmask = _buffer[:len(matchers)]
+    llguidance.numpy.fill_next_token_bitmask_par(_executor(), [(m._matcher, i) for i, m in enumerate(matchers)],
+                                                 bitmask)
+    return bitmask
+
+
+def allowed_ids(bitmask_row: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The token ids set in one packed mask row (int64, sorted)."""
+    return np.flatnonzero(np.unpackbits(bitmask_row.view(np.uint8), bitorder="little")[:vocab_size])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from cupaged import LLMEngine, SamplingParams
+from cupaged import LLMEngine, SamplingParams, StructuredOutputsParams
 from cupaged.engine.sequence import PENDING_TOKEN
 
 
@@ -100,3 +100,85 @@ def test_abort_while_a_token_is_in_flight(checkpoints) -> None:
     assert PENDING_TOKEN not in aborted.outputs[0].token_ids and len(aborted.outputs[0].token_ids) < 20
     assert [len(outs[r][-1].outputs[0].token_ids) for r in "02"] == [20, 20]
     assert engine.core.blocks.num_used == 0
+
+
+ARRAY = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 3, "maxItems": 6}
+OBJECT = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "bb", "ccc"]},
+                                                    "minItems": 1, "maxItems": 3}},
+          "required": ["name", "tags"], "additionalProperties": False}
+
+
+def _constrained_requests(kinds: int) -> list[tuple[list[int], SamplingParams]]:
+    """Requests of the first `kinds` kinds below: constrained ones of every way to sample (greedy, seeded with
+    temperature, min-p, top-k and top-p, min_tokens, stop strings), unconstrained ones in the same steps, then
+    constrained n > 1 and beams (which run synchronously); a third share a prefix (prefix caching)."""
+    shared = [(7 * j) % 800 + 5 for j in range(40)]
+    reqs = []
+    for i in range(18):
+        prompt = (shared if i % 3 == 0 else []) + [(17 * i + 3 * j) % 900 + 3 for j in range(5 + 7 * i % 30)]
+        constraint = StructuredOutputsParams(json=[ARRAY, OBJECT][i % 2]) if i % 5 != 4 else \
+            StructuredOutputsParams(regex=r"[a-c]{2,8}-[0-9]{2,4}")
+        seeded = dict(temperature=1.0, seed=i, max_tokens=60, structured_outputs=constraint)
+        kind = i % kinds
+        if kind == 0:
+            params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=constraint)
+        elif kind == 1:
+            params = SamplingParams(**seeded)
+        elif kind == 2:
+            params = SamplingParams(**{**seeded, "temperature": 0.8}, min_p=0.05)
+        elif kind == 3:
+            params = SamplingParams(**seeded, top_k=30, top_p=0.9)
+        elif kind == 4:
+            params = SamplingParams(**seeded, min_tokens=4)
+        elif kind == 5:
+            params = SamplingParams(**seeded, stop=[",", "b-"])
+        elif kind == 6:
+            params = SamplingParams(temperature=0.9, seed=i, max_tokens=30)
+        elif kind == 7:
+            params = SamplingParams(**{**seeded, "max_tokens": 40}, n=2)
+        else:
+            params = SamplingParams(beam_width=2, max_tokens=12,
+                                    structured_outputs=StructuredOutputsParams(choice=["red", "green", "blue"]))
+        reqs.append((prompt, params))
+    return reqs
+
+
+@pytest.mark.parametrize("kinds", [7, 9])
+@pytest.mark.parametrize("options", [
+    dict(num_kv_blocks=30, max_num_seqs=8, max_num_batched_tokens=64, block_size=8),  # preemption, chunked prefill
+    dict(num_kv_blocks=400, max_num_seqs=32),
+])
+def test_async_constrained_outputs_equal_sync_outputs(checkpoints, options, kinds) -> None:
+    """A constrained request's step runs ahead (its forward is queued before the previous step's tokens are
+    processed; its sampling waits for its grammar's mask) and gives the synchronous engine's tokens."""
+    path = checkpoints("qwen3-tiny")
+    results = {}
+    for async_scheduling in (False, True):
+        engine = LLMEngine(str(path), device="cpu", async_scheduling=async_scheduling, **options)
+        results[async_scheduling] = _run_requests(engine, _constrained_requests(kinds))
+        assert engine.core.timings["masks"] > 0 and engine.core.num_masked_steps > 10
+        assert options["num_kv_blocks"] > 100 or engine.stats.num_preemptions > 0
+        if async_scheduling:
+            assert engine.stats.num_steps_run_ahead > (20 if kinds == 7 else 0)
+    sync, run_ahead = results[False], results[True]
+    assert len(sync) == 18 and run_ahead == sync
+    completions = [c for r in sync.values() for c in r]
+    assert sum(c[2] == "stop" for c in completions) >= 8
+    assert any(c[2] == "stop" and c[1].endswith("]") for c in completions)  # a complete JSON array
+
+
+def _run_requests(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> dict:
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    for _ in range(3000):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            for c in out.outputs:
+                assert PENDING_TOKEN not in c.token_ids
+            if out.finished:
+                done[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
+    assert engine.core.blocks.num_used == 0
+    return done

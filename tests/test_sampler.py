@@ -80,16 +80,20 @@ def test_greedy_is_argmax() -> None:
     assert sample(LOGITS[None].astype(np.float32), seqs, [], np.random.default_rng(0)) == [int(np.argmax(LOGITS))]
 
 
-def test_seeded_rows_do_not_depend_on_neighbours() -> None:
-    def seeded_draws(batch: int) -> list[int]:
-        seqs = [Sequence(str(i), [0], SamplingParams(seed=5 if i == 0 else None)) for i in range(batch)]
+@pytest.mark.parametrize("first", [dict(), dict(top_k=6), dict(top_p=0.9, min_p=0.01)])
+def test_seeded_rows_do_not_depend_on_neighbours(first: dict) -> None:
+    """Nor on whether a neighbour filters by top-k / top-p (a sort of its row, which the others skip)."""
+    def seeded_draws(batch: int, neighbours: dict) -> list[int]:
+        seqs = [Sequence(str(i), [0], SamplingParams(seed=5, **first) if i == 0 else SamplingParams(**neighbours))
+                for i in range(batch)]
         logits = np.tile(LOGITS.astype(np.float32), (batch, 1))
         other_rng = np.random.default_rng(batch)
         return [sample(logits, seqs, [], other_rng)[0] for _ in range(30)]
 
-    alone = seeded_draws(1)
+    alone = seeded_draws(1, {})
     assert len(set(alone)) > 3
-    assert seeded_draws(4) == alone and seeded_draws(17) == alone
+    for neighbours in (dict(), dict(top_k=3), dict(top_p=0.5), dict(temperature=0)):
+        assert seeded_draws(4, neighbours) == alone and seeded_draws(17, neighbours) == alone, neighbours
 
 
 def test_penalties() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,8 +36,8 @@ from cupaged.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
 from cupaged.models.llama import expected_weights
 from cupaged.parallel.sharding import check_tp, gpu_count
 from cupaged.parallel.tp_runner import TensorParallelRunner
-from cupaged.engine.sampling import record_logprobs, sampling_metadata
-from cupaged.sampler import log_softmax, sample_on_device
+from cupaged.engine.sampling import GrammarMasks, grammar_masks, record_logprobs, sampling_metadata
+from cupaged.sampler import log_softmax, mask_tokens, sample_on_device
 from cupaged.kv_cache import resolve_kv_cache_dtype
 from cupaged.sampling_params import SamplingParams, check_token_ids
 from cupaged.structured import Matcher, build_tokenizer, grammar_for
@@ -47,25 +47,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Launched:
-    """A step queued on the device, whose sampled tokens the host has not read yet."""
+    """A step queued on the device: its forward, then its sampling (`_sample`), whose tokens the host has not read
+    yet."""
 
     seqs: list[Sequence]               # the sequences that get a token, in the order of `tokens`
-    indices: list[int]                 # where each one's token goes in its token_ids (PENDING_TOKEN until then)
-    tokens: Any                        # the sampled tokens, on the device
-    host: HostCopy | None              # ...and their copy to the host, under way
-    rows: dict[int, int]               # seq_id -> row in `tokens`: the next step reads its inputs from there
+    logits: Any                        # the forward's logits, until sampled; then kept when logprobs must be recorded
+    sample_rows: list[int]             # each sequence's row in `logits` (n > 1 samples share their prompt's row)
+    beam_rows: list[tuple[Sequence, int]]  # beams and their row in `logits`
     beam_groups: dict[str, SequenceGroup]
     run_ahead: bool                    # whether the next step may be launched before this one is processed
-    logits: Any = None                 # kept when logprobs must be recorded
+    constrained: bool                  # a row has a grammar: its mask needs every token before this step's
+    indices: list[int] = field(default_factory=list)  # where each one's token goes in token_ids (PENDING_TOKEN)
+    tokens: Any = None                 # the sampled tokens, on the device
+    host: HostCopy | None = None       # ...and their copy to the host, under way
+    rows: dict[int, int] = field(default_factory=dict)  # seq_id -> row in `tokens`: the next step's inputs
 
 
 def _runs_ahead(seq: Sequence) -> bool:
     """Whether seq's next step can be launched before its sampled token reaches the host: not when that step
     needs the host's view of the token (penalties and bad words of several tokens read the token history, logprobs
-    read this step's logits, the samples of n / best_of and beams are chosen on the host, a grammar's next mask
-    follows from this step's token)."""
+    read this step's logits, the samples of n / best_of and beams are chosen on the host). A grammar's next mask
+    does too, but only for sampling: its step's forward runs ahead, its sampling waits (see `_step`)."""
     p = seq.params
-    return (seq.matcher is None and p.num_sequences == 1 and p.logprobs is None and p.repetition_penalty == 1.0
+    return (p.num_sequences == 1 and p.logprobs is None and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty and all(len(w) == 1 for w in seq.bad_words))
 
 
@@ -135,8 +139,10 @@ class EngineCore:
         self._in_flight: _Launched | None = None  # launched, not yet processed (async scheduling)
         self.stats = EngineStats(kv_blocks_total=num_blocks)
         # Host seconds per phase of a step, summed (benchmarks read them): scheduling, launching the step, and
-        # processing the sampled tokens, of which waiting for the GPU to deliver them is counted again apart.
-        self.timings = {"schedule": 0.0, "launch": 0.0, "process": 0.0, "wait_for_tokens": 0.0}
+        # processing the sampled tokens, of which waiting for the GPU to deliver them is counted again apart; the
+        # grammars' masks (part of launching), over num_masked_steps steps.
+        self.timings = {"schedule": 0.0, "launch": 0.0, "process": 0.0, "wait_for_tokens": 0.0, "masks": 0.0}
+        self.num_masked_steps = 0  # steps with a constrained row
         # Set to a list to record each step's (query lens, context lens, rows sampled): bench/floor.py's input.
         # On the GPU each step's work is also bracketed by two CUDA events, in trace_events.
         self.trace: list[tuple[np.ndarray, np.ndarray, int]] | None = None
@@ -224,10 +230,18 @@ class EngineCore:
         t1 = time.perf_counter()
         self.timings["schedule"] += t1 - t0
         launched = self._launch(batch, previous) if batch.seqs else None
+        if launched is not None and not launched.constrained:
+            self._sample(launched)
         self.timings["launch"] += time.perf_counter() - t1
         if previous is not None:
             self._process(previous, advanced)
         if launched is not None:
+            if launched.constrained:
+                # A grammar's mask follows from every token before: its step's sampling is queued only now that the
+                # matchers have consumed the previous step's, while the GPU runs this step's forward.
+                t2 = time.perf_counter()
+                self._sample(launched)
+                self.timings["launch"] += time.perf_counter() - t2
             # after `previous`: the blocks just computed may hold its tokens, which prefix-cache hashes read
             for seq in batch.seqs:
                 if not seq.is_finished:
@@ -248,8 +262,8 @@ class EngineCore:
         return EngineCoreOutputs(outputs, self.stats)
 
     def _launch(self, batch: ScheduledBatch, previous: _Launched | None) -> _Launched:
-        """Queue the batch's forward and sampling on the device; the sampled tokens stay there (PENDING_TOKEN in
-        the sequences' token ids) until `_process` reads them."""
+        """Queue the batch's forward on the device, and say which sequences sample from which logits row (`_sample`
+        queues that)."""
         self.runner.copy_blocks(batch.block_copies)
         pending = (previous.tokens, previous.rows) if previous is not None else None
         if self.trace is not None:
@@ -266,17 +280,12 @@ class EngineCore:
             self.trace[-1] = self.trace[-1][:2] + (len(rows),)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-        sample_seqs, sample_rows, beam_groups = [], [], {}
+        sample_seqs, sample_rows, beam_rows, beam_groups = [], [], [], {}
         for row, i in enumerate(rows):
             seq = batch.seqs[i]
             group = self.groups[seq.request_id]
             if seq.params.beam_width > 1:
-                seq.pending_logprobs = log_softmax(logits[row])
-                if seq.matcher is not None:  # a beam's candidates are only the tokens its grammar allows
-                    masked = self.runner.xp.full_like(seq.pending_logprobs, -np.inf)
-                    allowed = self.runner.xp.asarray(seq.matcher.allowed())
-                    masked[allowed] = seq.pending_logprobs[allowed]
-                    seq.pending_logprobs = masked
+                beam_rows.append((seq, row))
                 beam_groups[group.request_id] = group
                 continue
             if seq.num_output_tokens == 0 and len(group.seqs) < seq.params.num_sequences:
@@ -286,23 +295,49 @@ class EngineCore:
                 targets = [seq]
             sample_seqs += targets
             sample_rows += [row] * len(targets)
-        launched = _Launched(seqs=sample_seqs, indices=[], tokens=None, host=None, rows={}, beam_groups=beam_groups,
-                             run_ahead=self.async_scheduling and not beam_groups and all(map(_runs_ahead, sample_seqs)))
-        if sample_seqs:
-            if sample_rows != list(range(len(rows))):
-                logits = logits[self.runner.xp.asarray(np.array(sample_rows))]
-            meta = sampling_metadata(sample_seqs, self.eos_token_ids, self.rng)
+        return _Launched(seqs=sample_seqs, logits=logits, sample_rows=sample_rows, beam_rows=beam_rows,
+                         beam_groups=beam_groups,
+                         run_ahead=self.async_scheduling and not beam_groups and all(map(_runs_ahead, sample_seqs)),
+                         constrained=any(s.matcher is not None for s in sample_seqs + [s for s, _ in beam_rows]))
+
+    def _sample(self, launched: _Launched) -> None:
+        """Queue a launched step's sampling, with its grammars' masks, and the copy of its tokens to the host; the
+        tokens stay on the device (PENDING_TOKEN in the sequences' token ids) until `_process` reads them. Beams get
+        their (masked) log-probabilities, which `_process` steps."""
+        logits, xp = launched.logits, self.runner.xp
+        launched.logits = None
+        self.num_masked_steps += launched.constrained
+        if launched.beam_rows:
+            beams = [seq for seq, _ in launched.beam_rows]
+            logprobs = log_softmax(logits[xp.asarray(np.array([row for _, row in launched.beam_rows]))])
+            masks = self._grammar_masks(beams) if launched.constrained else None
+            if masks is not None:  # a beam's candidates are only the tokens its grammar allows
+                mask_tokens(logprobs, *masks)
+            for j, seq in enumerate(beams):
+                seq.pending_logprobs = logprobs[j]
+        seqs = launched.seqs
+        if seqs:
+            if launched.sample_rows != list(range(len(logits))):
+                logits = logits[xp.asarray(np.array(launched.sample_rows))]
+            masks = self._grammar_masks(seqs) if launched.constrained else None
+            meta = sampling_metadata(seqs, self.eos_token_ids, self.rng, masks)
             launched.tokens = sample_on_device(logits, meta)
             launched.host = HostCopy(launched.tokens)
             if not launched.run_ahead:
                 launched.logits = logits  # for logprobs: read before the next step overwrites them
-            for row, seq in enumerate(sample_seqs):
+            for row, seq in enumerate(seqs):
                 launched.indices.append(len(seq.token_ids))
                 seq.token_ids.append(PENDING_TOKEN)
                 launched.rows[seq.seq_id] = row
         if self.trace is not None and self.device == "cuda":
             self.trace_events[-1][1].record()  # after the sampling kernel and the copy of its tokens
-        return launched
+
+    def _grammar_masks(self, seqs: list[Sequence]) -> GrammarMasks | None:
+        """grammar_masks(seqs), its host time counted in timings["masks"]."""
+        t0 = time.perf_counter()
+        masks = grammar_masks(seqs)
+        self.timings["masks"] += time.perf_counter() - t0
+        return masks
 
     def _process(self, launched: _Launched, advanced: dict[str, SequenceGroup]) -> None:
         """Read a launched step's tokens back and append them: check stops, step beams."""

@@ -180,51 +180,92 @@ def silu_and_mul(x: Array) -> Array:
 class _Staging:
     """Pinned host buffers for small per-step uploads, copied with cudaMemcpyAsync, so the host goes on while the
     GPU still runs the forward (a copy from pageable memory would wait for it). A ring of SLOTS buffers: a slot is
-    written again only once its copy, SLOTS uploads ago, has run, which the host then never waits for (one upload
-    per step, and the engine runs at most one step ahead)."""
+    written again only once its copy, SLOTS uploads ago, has run, which the host then never waits for (at most two
+    uploads per step, sampling parameters and a structured-output mask, and the engine runs one step ahead)."""
 
-    SLOTS = 4
+    SLOTS = 8
+    ALIGN = 256  # each array's offset in a slot: device views aligned as cudaMalloc's are
 
     def __init__(self) -> None:
-        self.host = [np.zeros(0, dtype=np.float32) for _ in range(self.SLOTS)]
+        self.host = [np.zeros(0, dtype=np.uint8) for _ in range(self.SLOTS)]
         self.done: list[cupy.cuda.Event | None] = [None] * self.SLOTS
         self.next = 0
 
-    def upload(self, rows: list[np.ndarray]) -> Array:
-        """float32 [len(rows), n] on the device, in stream order."""
+    def upload(self, arrays: list[np.ndarray]) -> list[Array]:
+        """Each host array on the device (same dtype and shape), all in one copy, in stream order."""
         slot, self.next = self.next, (self.next + 1) % self.SLOTS
         if self.done[slot] is not None:
             self.done[slot].synchronize()  # the copy from this buffer SLOTS uploads ago has run
-        count = len(rows) * len(rows[0])
-        if self.host[slot].size < count:
-            self.host[slot] = np.frombuffer(cupy.cuda.alloc_pinned_memory(8 * count), np.float32, 2 * count)
-        staged = self.host[slot][:count].reshape(len(rows), -1)
-        for dst, src in zip(staged, rows):
-            dst[...] = src
-        out = cupy.empty(staged.shape, dtype=cupy.float32)
+        offsets, total = [], 0
+        for a in arrays:
+            offsets.append(total)
+            total += -(-a.nbytes // self.ALIGN) * self.ALIGN
+        if self.host[slot].size < total:
+            self.host[slot] = np.frombuffer(cupy.cuda.alloc_pinned_memory(2 * total), np.uint8)
+        staged = self.host[slot]
+        for a, start in zip(arrays, offsets):
+            staged[start:start + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        out = cupy.empty(total, dtype=cupy.uint8)
         stream = cupy.cuda.get_current_stream()
-        cupy.cuda.runtime.memcpyAsync(out.data.ptr, staged.ctypes.data, 4 * count,
-                                      cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        cupy.cuda.runtime.memcpyAsync(out.data.ptr, staged.ctypes.data, total, cupy.cuda.runtime.memcpyHostToDevice,
+                                      stream.ptr)
         self.done[slot] = stream.record()
-        return out
+        return [out[start:start + a.nbytes].view(a.dtype).reshape(a.shape) for a, start in zip(arrays, offsets)]
 
 
 _sampling_staging = _Staging()
 
 
-def sample_rows(logits: Array, temperature: np.ndarray, min_p: np.ndarray, uniform: np.ndarray) -> Array:
+def _check_masks(what: str, vocab: int, batch: int, bitmask: np.ndarray, mask_rows: np.ndarray) -> None:
+    words = -(-vocab // 32)
+    _require(isinstance(bitmask, np.ndarray) and bitmask.dtype == np.int32 and bitmask.ndim == 2
+             and bitmask.shape[1] == words,
+             f"{what}: bitmask must be a host int32 array [rows, {words}], got {getattr(bitmask, 'shape', None)} "
+             f"{getattr(bitmask, 'dtype', type(bitmask).__name__)}")
+    _require(isinstance(mask_rows, np.ndarray) and mask_rows.shape == (batch,)
+             and bool(((mask_rows >= -1) & (mask_rows < len(bitmask))).all()),
+             f"{what}: mask_rows must hold one index into bitmask (or -1) per row of logits")
+
+
+def sample_rows(logits: Array, temperature: np.ndarray, min_p: np.ndarray, uniform: np.ndarray,
+                bitmask: np.ndarray | None = None, mask_rows: np.ndarray | None = None) -> Array:
     """Token per row of float32 logits [B, V] (see the reference), one CTA per row: nothing [B, V] is written.
-    The per-row parameters are host (NumPy) arrays."""
+    The per-row parameters are host (NumPy) arrays. With `bitmask` (int32 [M, ceil(V / 32)]) and `mask_rows`
+    (int32 [B]), row b may only choose the tokens bitmask[mask_rows[b]] allows (sampler.apply_token_bitmask),
+    unless mask_rows[b] is -1; the masks go up with the parameters, in one copy."""
     _require(logits.ndim == 2 and _name(logits) == "float32" and logits.strides[1] == 4,
              f"sample_rows: logits must be float32 rows [B, V], got {logits.shape} {_name(logits)}")
     batch, vocab = logits.shape
     tokens = cupy.empty(batch, dtype=cupy.int32)
-    if batch:
-        params = _sampling_staging.upload([temperature, min_p, uniform])
-        kernel("sampling.cu", "sample_rows")(
-            (batch,), (1024,), (tokens, logits, np.int64(logits.strides[0] // 4), np.int32(vocab),
-                                params[0], params[1], params[2]), shared_mem=4 * -(-vocab // 256))
+    if not batch:
+        return tokens
+    host = [np.stack([temperature, min_p, uniform]).astype(np.float32)]
+    if bitmask is not None:
+        _check_masks("sample_rows", vocab, batch, bitmask, mask_rows)
+        host += [mask_rows.astype(np.int32), bitmask]
+    staged = _sampling_staging.upload(host)
+    params = staged[0]
+    # without masks the kernel reads neither pointer: any device address will do
+    rows, words = (staged[1], staged[2]) if bitmask is not None else (params, params)
+    kernel("sampling.cu", "sample_rows")(
+        (batch,), (1024,), (tokens, logits, np.int64(logits.strides[0] // 4), np.int32(vocab),
+                            params[0], params[1], params[2], np.int32(bitmask is not None), rows, words,
+                            np.int32(-(-vocab // 32))), shared_mem=4 * -(-vocab // 256))
     return tokens
+
+
+def mask_logits(logits: Array, bitmask: np.ndarray, mask_rows: np.ndarray) -> Array:
+    """sampler.apply_token_bitmask in place on float32 logits [B, V] on the GPU; returns logits."""
+    _require(logits.ndim == 2 and _name(logits) == "float32" and logits.strides[1] == 4,
+             f"mask_logits: logits must be float32 rows [B, V], got {logits.shape} {_name(logits)}")
+    batch, vocab = logits.shape
+    _check_masks("mask_logits", vocab, batch, bitmask, mask_rows)
+    if batch:
+        rows, words = _sampling_staging.upload([mask_rows.astype(np.int32), bitmask])
+        kernel("sampling.cu", "mask_logits")(
+            (-(-vocab // 256), batch), (256,), (logits, np.int64(logits.strides[0] // 4), np.int32(vocab), rows,
+                                                words, np.int32(-(-vocab // 32))))
+    return logits
 
 
 # ---------------------------------------------------------------------------------------------------- KV cache
