@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -95,3 +98,26 @@ def shuffled_block_tables(rng: np.random.Generator, seq_lens: list[int], block_s
         tables.append(physical[used:used + n].tolist())
         used += n
     return tables
+
+
+@contextmanager
+def preempted_requests() -> Iterator[set[str]]:
+    """The ids of the requests the scheduler preempts while the block runs (every engine of the process).
+
+    Tests that compare two engines' tokens on the GPU leave these out: a preempted request recomputes its tokens
+    in a prefill, whose bf16 K/V differ in their last bits from the decode steps' (other GEMM shapes), and two
+    engines may preempt different requests (async scheduling holds a stopping sequence's blocks a step longer)."""
+    from cupaged.engine.scheduler import Scheduler
+
+    found: set[str] = set()
+    original = Scheduler._preempt
+
+    def spy(self: Scheduler, group: Any) -> None:
+        found.add(group.request_id)
+        original(self, group)
+
+    Scheduler._preempt = spy
+    try:
+        yield found
+    finally:
+        Scheduler._preempt = original
