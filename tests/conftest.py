@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +37,24 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
         return made[preset, dtype]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The CUDA op set (layers/cuda_ops.py), with cupaged's device set to the GPU: for GPU kernel tests."""
+    from cupaged import device
+    from cupaged.layers import cuda_ops
+
+    device.set_device("cuda")
+    return cuda_ops
+
+
+@pytest.fixture
+def poison_memory_pool(ops):
+    """Fill the memory CuPy will hand out next with NaN (int32 outputs: garbage), so an output element a kernel
+    forgets shows. GPU test modules use it on every test (`pytest.mark.usefixtures`)."""
+    import cupy
+
+    cupy.get_default_memory_pool().free_all_blocks()
+    poison = cupy.full(64 << 20, np.nan, dtype=cupy.float32)  # 256 MiB back to the pool, NaN-filled
+    del poison

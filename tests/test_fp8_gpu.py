@@ -24,15 +24,6 @@ DTYPES = ["float16", "bfloat16"]
 TOLERANCE = {"float16": 1e-2, "bfloat16": 1e-2}
 
 
-@pytest.fixture(scope="module")
-def ops():
-    from cupaged import device
-    from cupaged.layers import cuda_ops
-
-    device.set_device("cuda")
-    return cuda_ops
-
-
 @pytest.fixture(autouse=True)
 def release_gpu_memory():
     yield

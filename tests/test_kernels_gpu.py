@@ -14,29 +14,10 @@ import pytest
 from cupaged.kv_cache import AttentionMetadata
 from helpers import shuffled_block_tables
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_memory_pool")]
 
 DTYPES = ["float32", "float16", "bfloat16"]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
-
-
-@pytest.fixture(scope="module")
-def ops():
-    from cupaged import device
-    from cupaged.layers import cuda_ops
-
-    device.set_device("cuda")
-    return cuda_ops
-
-
-@pytest.fixture(autouse=True)
-def poison_memory_pool(ops):
-    """Fill the memory CuPy will hand out next with NaN, so an output element a kernel forgets stays NaN."""
-    import cupy
-
-    cupy.get_default_memory_pool().free_all_blocks()
-    poison = cupy.full(64 << 20, np.nan, dtype=cupy.float32)  # 256 MiB back to the pool, NaN-filled
-    del poison
 
 
 def rand(shape, dtype, rng, scale=1.0):

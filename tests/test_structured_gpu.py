@@ -18,7 +18,7 @@ from tests.test_async_scheduling import _constrained_requests, _run_requests
 from tests.test_structured import SCHEMAS
 from tests.test_structured_masks import allowed_by, random_masks
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_memory_pool")]
 
 VOCABS = [151936, 1031, 37]  # Qwen3's, and sizes that are not whole mask words
 # A JSON number's fraction is unbounded: a greedy random model may write "1.000..." past any budget (one seed of the
@@ -26,24 +26,12 @@ VOCABS = [151936, 1031, 37]  # Qwen3's, and sizes that are not whole mask words
 BOUNDED = [schema for schema in SCHEMAS if '"number"' not in json.dumps(schema)]
 
 
-@pytest.fixture(scope="module")
-def ops():
-    from cupaged import device
-    from cupaged.layers import cuda_ops
-
-    device.set_device("cuda")
-    return cuda_ops
-
-
 @pytest.fixture(autouse=True)
-def poison_memory_pool(ops):
-    """Fill the memory CuPy will hand out next with NaN (tokens: garbage), so an output a kernel forgets shows."""
+def release_gpu_memory():
+    """After each test, the memory it used back to the device: the engines here are large."""
+    yield
     import cupy
 
-    cupy.get_default_memory_pool().free_all_blocks()
-    poison = cupy.full(64 << 20, np.nan, dtype=cupy.float32)
-    del poison
-    yield
     cupy.get_default_memory_pool().free_all_blocks()
 
 
