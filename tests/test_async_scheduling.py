@@ -41,17 +41,7 @@ def _requests(kinds: int) -> list[tuple[list[int], SamplingParams]]:
 
 def _run(path, async_scheduling: bool, kinds: int, **engine_options) -> tuple[dict, int]:
     engine = LLMEngine(str(path), device="cpu", async_scheduling=async_scheduling, **engine_options)
-    for i, (prompt, params) in enumerate(_requests(kinds)):
-        engine.add_request(str(i), prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            for c in out.outputs:
-                assert PENDING_TOKEN not in c.token_ids
-            if out.finished:
-                done[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
-    assert engine.core.blocks.num_used == 0
-    return done, engine.stats.num_steps_run_ahead
+    return _run_requests(engine, _requests(kinds)), engine.stats.num_steps_run_ahead
 
 
 @pytest.mark.parametrize("kinds", [4, 8])
@@ -180,5 +170,5 @@ def _run_requests(engine: LLMEngine, requests: list[tuple[list[int], SamplingPar
                 assert PENDING_TOKEN not in c.token_ids
             if out.finished:
                 done[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
-    assert engine.core.blocks.num_used == 0
+    assert not engine.has_unfinished_requests() and engine.core.blocks.num_used == 0
     return done
