@@ -29,17 +29,16 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import tempfile
 import time
 
 import click
 import jsonschema
 
-from bench.bench_throughput import PHASES, core_timings, ms_per_step
-from bench.workload import nano_vllm_workload
+from bench.bench_throughput import PHASES, core_timings, ms_per_step, synchronizer
+from bench.workload import WORKLOAD_OPTIONS, bench_checkpoint, nano_vllm_workload
 from cupaged import LLMEngine, SamplingParams, StructuredOutputsParams
 from cupaged.checkpoint import open_checkpoint
-from tools.make_checkpoint import PRESETS, make_checkpoint
+from cupaged.options import with_options
 
 
 def long_schema(kind: int, items: int) -> dict:
@@ -58,12 +57,13 @@ def run_once(engine: LLMEngine, workload: list[tuple[list[int], int]], constrain
     params = {}
     for i, (prompt, n) in enumerate(workload):
         schema = long_schema(i // 2, n) if constrained and i % 2 else None
-        params[str(i)] = SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, seed=i, output_kind="final_only",
+        params[str(i)] = SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, seed=i,
+                                        output_kind="final_only",
                                         structured_outputs=StructuredOutputsParams(json=schema) if schema else None)
         engine.add_request(str(i), prompt, params[str(i)])
     core = engine.core
     before, masked_before = core_timings(engine), getattr(core, "num_masked_steps", 0)
-    sync = _synchronize(engine.device)
+    sync = synchronizer(engine.device)
     generated = {"constrained": 0, "free": 0}
     ended_early = invalid = steps = 0
     sync()
@@ -105,14 +105,6 @@ def _valid(text: str, schema: dict) -> bool:
     return True
 
 
-def _synchronize(device: str):
-    if device == "cuda":
-        import cupy
-
-        return cupy.cuda.Device().synchronize
-    return lambda: None
-
-
 def table(results: list[dict]) -> list[str]:
     free, constrained = results
     ratio = constrained["output_tokens_per_s"] / free["output_tokens_per_s"]
@@ -135,32 +127,18 @@ def table(results: list[dict]) -> list[str]:
 
 
 @click.command()
-@click.option("--model", default=None, help="Checkpoint directory (tools/make_checkpoint.py --preset qwen3-0.6b).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="Instead of --model: this tools/make_checkpoint.py shape with random weights (load_format=dummy).")
-@click.option("--num-requests", default=256, show_default=True)
-@click.option("--scale", default=1, show_default=True, help="Divide the workload's lengths (for the CPU).")
-@click.option("--device", default=None, help="cpu or cuda (default: automatic).")
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--max-num-seqs", default=256, show_default=True)
-@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
-@click.option("--sync-scheduling", is_flag=True, help="No async scheduling: read each step's tokens before the next.")
+@with_options(WORKLOAD_OPTIONS)
 @click.option("--json", "json_path", default=None)
 def main(model: str | None, preset: str | None, num_requests: int, scale: int, device: str | None, dtype: str,
          max_num_seqs: int, enforce_eager: bool, sync_scheduling: bool, json_path: str | None) -> None:
     """Output tok/s of nano-vllm's workload without and with JSON schemas on half of the requests."""
-    if (model is None) == (preset is None):
-        raise click.UsageError("give either --model or --preset")
     if num_requests < 2:
         raise click.UsageError("--num-requests must be at least 2: half of them are constrained")
     # no prefix caching: the second run's prompts are the first's, and would skip their prefills
     options = dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
                    async_scheduling=not sync_scheduling, enable_prefix_caching=False)
     with contextlib.ExitStack() as stack:
-        if preset:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cupaged-bench-"))
-            model = str(make_checkpoint(f"{tmp}/{preset}", preset, dtype="bfloat16", weights=False))
-            options["load_format"] = "dummy"
+        model = bench_checkpoint(stack, model, preset, options)
         workload = nano_vllm_workload(num_requests, scale, vocab=open_checkpoint(model)[0].vocab_size)
         engine = LLMEngine(model, **options)
         # warm up both paths (the structured-output tokenizer is built on the first schema), then the two runs

@@ -31,7 +31,6 @@ import gc
 import json
 import logging
 import sys
-import tempfile
 import time
 
 import click
@@ -39,11 +38,11 @@ import click
 import numpy as np
 
 from bench.floor import measure_ceilings, step_floor, workload_floor
-from bench.workload import nano_vllm_workload
+from bench.workload import WORKLOAD_OPTIONS, bench_checkpoint, nano_vllm_workload
 from cupaged import LLMEngine, SamplingParams
 from cupaged import device as devices
 from cupaged.checkpoint import open_checkpoint
-from tools.make_checkpoint import PRESETS, make_checkpoint
+from cupaged.options import with_options
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, seed=i,
                                                           output_kind="final_only"))
     peak, generated, steps = 0, 0, 0
-    sync = _synchronize(engine.device)
+    sync = synchronizer(engine.device)
     tracing = start_trace(engine)
     before = core_timings(engine)
     sync()
@@ -184,7 +183,8 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
     return result
 
 
-def _synchronize(device: str):
+def synchronizer(device: str):
+    """A function that waits for the device's queued work (nothing to wait for on the CPU)."""
     if device == "cuda":
         import cupy
 
@@ -295,17 +295,8 @@ def table(results: list[dict], peers: bool) -> list[str]:
 
 
 @click.command()
-@click.option("--model", default=None, help="Checkpoint directory (tools/make_checkpoint.py --preset qwen3-0.6b).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="Instead of --model: this tools/make_checkpoint.py shape with random weights (load_format=dummy).")
-@click.option("--num-requests", default=256, show_default=True)
-@click.option("--scale", default=1, show_default=True, help="Divide the workload's lengths (for the CPU).")
-@click.option("--device", default=None, help="cpu or cuda (default: automatic).")
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--max-num-seqs", default=256, show_default=True)
+@with_options(WORKLOAD_OPTIONS)
 @click.option("--max-num-batched-tokens", default=None, type=int)
-@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
-@click.option("--sync-scheduling", is_flag=True, help="No async scheduling: read each step's tokens before the next.")
 @click.option("--peers", is_flag=True, help="Also run transformers on the GPU (needs torch, transformers, --model).")
 @click.option("--peer-requests", default=None, type=int, help="Run the peers on the first N requests only.")
 @click.option("--json", "json_path", default=None)
@@ -313,8 +304,6 @@ def main(model: str | None, preset: str | None, num_requests: int, scale: int, d
          max_num_seqs: int, max_num_batched_tokens: int | None, enforce_eager: bool, sync_scheduling: bool,
          peers: bool, peer_requests: int | None, json_path: str | None) -> None:
     """Offline throughput of cupaged on nano-vllm's workload, beside the physical floor of the steps it ran."""
-    if (model is None) == (preset is None):
-        raise click.UsageError("give either --model or --preset")
     if peers and preset:
         raise click.UsageError("--peers needs --model: transformers loads a checkpoint's weights, and a --preset "
                                "has none (cupaged makes random ones on the device)")
@@ -324,10 +313,7 @@ def main(model: str | None, preset: str | None, num_requests: int, scale: int, d
     # the ceilings first, on an idle card: before any engine holds its memory
     ceilings = measure_ceilings() if devices.set_device(device) == "cuda" else None
     with contextlib.ExitStack() as stack:
-        if preset:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cupaged-bench-"))
-            model = str(make_checkpoint(f"{tmp}/{preset}", preset, dtype="bfloat16", weights=False))
-            options["load_format"] = "dummy"
+        model = bench_checkpoint(stack, model, preset, options)
         vocab = open_checkpoint(model)[0].vocab_size
         workload = nano_vllm_workload(num_requests, scale, vocab=vocab)
         results = [{"model": preset or model} | run_cupaged(model, workload, options, ceilings)]
