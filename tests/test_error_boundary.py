@@ -106,6 +106,12 @@ def test_parameters_that_need_the_model_are_checked_at_add_request(path, params,
     (dict(num_kv_blocks=0), "num_kv_blocks"),
     (dict(engine_core_process="yes"), "engine_core_process"),
     (dict(seed=-1), "seed"),
+    (dict(gguf_dequantize="yes"), "gguf_dequantize"),
+    (dict(kv_cache_dtype=8), "kv_cache_dtype"),
+    (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
+    (dict(tensor_parallel_size="2"), "tensor_parallel_size"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size"),
+    (dict(tensor_parallel_size=3), "tensor_parallel_size"),  # does not divide the tiny model's heads
 ])
 def test_engine_options_that_cannot_work_are_refused(path, options, message) -> None:
     with pytest.raises((ValueError, ConfigError), match=message):

@@ -90,7 +90,7 @@ class EngineCore:
         check_engine_options(block_size=block_size, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
                              cpu_kv_cache_bytes=cpu_kv_cache_bytes, num_kv_blocks=num_kv_blocks, seed=seed,
-                             load_format=load_format, max_logprobs=max_logprobs)
+                             load_format=load_format, max_logprobs=max_logprobs, gguf_dequantize=gguf_dequantize)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)  # ValueError naming the option
         self.device = devices.set_device(device)
         xp = devices.xp()
@@ -512,7 +512,7 @@ def device_lost(exc: BaseException) -> bool:
 
 def check_engine_options(*, block_size: int, max_num_seqs: int, max_num_batched_tokens: int | None,
                          gpu_memory_utilization: float, cpu_kv_cache_bytes: int, num_kv_blocks: int | None,
-                         seed: int, load_format: str, max_logprobs: int) -> None:
+                         seed: int, load_format: str, max_logprobs: int, gguf_dequantize: bool = False) -> None:
     """Refuse, naming it, an engine option that cannot work (rather than change it silently, or hang on it)."""
     def integer(value: object, low: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= low
@@ -531,6 +531,7 @@ def check_engine_options(*, block_size: int, max_num_seqs: int, max_num_batched_
         (load_format in ("auto", "dummy"), f"load_format must be 'auto' or 'dummy' (random weights), got "
                                            f"{load_format!r}"),
         (integer(max_logprobs, -1), f"max_logprobs must be an integer >= -1 (-1: no limit), got {max_logprobs!r}"),
+        (isinstance(gguf_dequantize, bool), f"gguf_dequantize must be True or False, got {gguf_dequantize!r}"),
     ]
     for ok, message in checks:
         if not ok:
