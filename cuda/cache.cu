@@ -56,11 +56,8 @@ __global__ void write_kv_fp8(const T* __restrict__ k, const T* __restrict__ v, u
     for (int which = 0; which < 2; ++which) {
         const unsigned e = scale_exponent(amax[which]);
         const float inv = exponent_scale(254u - e);
-        const float* y = x[which];
-        uint2 codes;
-        codes.x = float2_to_e4m3x2(y[0] * inv, y[1] * inv) | (unsigned)float2_to_e4m3x2(y[2] * inv, y[3] * inv) << 16;
-        codes.y = float2_to_e4m3x2(y[4] * inv, y[5] * inv) | (unsigned)float2_to_e4m3x2(y[6] * inv, y[7] * inv) << 16;
-        *reinterpret_cast<uint2*>((which == 0 ? k_cache : v_cache) + dst_row * head_dim + d) = codes;
+        *reinterpret_cast<uint2*>((which == 0 ? k_cache : v_cache) + dst_row * head_dim + d) =
+            float8_to_e4m3x8(x[which], inv);
         if (part == 0) (which == 0 ? k_scale : v_scale)[dst_row] = (unsigned char)e;
     }
 }

@@ -38,6 +38,14 @@ __device__ __forceinline__ uint4 e4m3x8_to_half8(uint2 c) {
                       e4m3x2_to_half2(c.y >> 16));
 }
 
+// Eight floats times `inv` -> eight e4m3 codes (8 bytes, the first in the lowest byte).
+__device__ __forceinline__ uint2 float8_to_e4m3x8(const float* y, float inv) {
+    uint2 codes;
+    codes.x = float2_to_e4m3x2(y[0] * inv, y[1] * inv) | (unsigned)float2_to_e4m3x2(y[2] * inv, y[3] * inv) << 16;
+    codes.y = float2_to_e4m3x2(y[4] * inv, y[5] * inv) | (unsigned)float2_to_e4m3x2(y[6] * inv, y[7] * inv) << 16;
+    return codes;
+}
+
 // The float32 power-of-two scale of a biased exponent byte (fp8.exponent_scale).
 __device__ __forceinline__ float exponent_scale(unsigned e) { return __int_as_float(e << 23); }
 

@@ -5,6 +5,8 @@ all run through the kernels (the tensor-core decode kernel takes fp16/bf16; fp32
 kernel). Two differences, both safe for the model's use, which rebinds both results:
 - `add_rms_norm` updates `residual` in place (float32 or x's dtype) and returns it;
 - `apply_rotary` rotates q and k in place (or a contiguous copy when their heads are not laid out contiguously).
+The model's attention inputs go through `qkv_rotary_cache` (bias, q/k norms, rotary and the K/V write in one
+kernel; the separate ops remain its fallback and the reference's building blocks).
 Prefill attention (sequences with several new tokens) uses the reference's math on the GPU: a per-sequence gather
 of its K/V and cuBLAS matmuls, in query chunks; a flash kernel replaces it later. Shapes no kernel covers (row
 lengths that are not whole 16-byte vectors, unusual head sizes) fall back to the reference.
@@ -26,6 +28,9 @@ from cupaged.kv_cache import AttentionMetadata
 from cupaged.layers import cublas, flash_prefill, reference
 
 FLASH_PREFILL = True  # False: prefill through the reference math (bench/bench_ttft.py compares the two)
+# False: qkv_rotary_cache through the separate bias, norm, rotary and write_kv kernels (bench/graph_kernels.py and
+# tests/test_fused_rotary_gpu.py compare the two)
+FUSED_QKV = True
 
 Array = Any
 THREADS = 128
@@ -329,6 +334,77 @@ def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: A
             (math.ceil(total / 256),), (256,),
             (k, v, k_cache, v_cache, slot_mapping, np.int32(tokens), np.int32(num_kv_heads), np.int32(head_dim),
              np.int32(block_size), np.int64(k_stride), np.int64(v_stride)))
+
+
+def _fused_qkv_supported(qkv: Array, head_dim: int, bias: Array | None, q_norm: Array | None,
+                         k_norm: Array | None) -> bool:
+    """Whether qkv_rotary_cache.cu takes these operands: whole 16-byte vectors, a power of two <= 32 of them per
+    half head, aligned rows, a bias of qkv's dtype, norm weights of qkv's dtype or float32."""
+    vec, item = _vec(qkv.dtype), qkv.itemsize
+    lanes = head_dim // 2 // vec
+    weights_ok = q_norm is None or all(
+        w is not None and w.shape == (head_dim,) and _name(w) in (_name(qkv), "float32") and w.dtype == q_norm.dtype
+        and w.flags.c_contiguous for w in (q_norm, k_norm))
+    bias_ok = bias is None or (bias.shape == (qkv.shape[1],) and bias.dtype == qkv.dtype and bias.flags.c_contiguous
+                               and _aligned(bias))
+    return (FUSED_QKV and (head_dim // 2) % vec == 0 and 0 < lanes <= 32 and lanes & (lanes - 1) == 0
+            and qkv.strides[1] == item and qkv.strides[0] % 16 == 0 and _aligned(qkv) and weights_ok and bias_ok)
+
+
+def qkv_rotary_cache(qkv: Array, num_heads: int, num_kv_heads: int, positions: Array, cos_sin: Array,
+                     k_cache: Array, v_cache: Array, slot_mapping: Array, bias: Array | None = None,
+                     q_norm: Array | None = None, k_norm: Array | None = None, eps: float = 1e-6,
+                     kv_scales: tuple[Array, Array] | None = None) -> Array:
+    """The reference's qkv_rotary_cache in one kernel (cuda/qkv_rotary_cache.cu): q [T, Hq, D] (contiguous) out,
+    k and v into the cache. Shapes the kernel does not take run through the separate kernels."""
+    _require_float("qkv_rotary_cache qkv", qkv)
+    _check_cache(k_cache, v_cache, kv_scales)
+    _, cache_heads, block_size, head_dim = k_cache.shape
+    tokens = qkv.shape[0]
+    _require(qkv.ndim == 2 and cache_heads == num_kv_heads and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim,
+             f"qkv_rotary_cache: qkv {qkv.shape} must be [T, ({num_heads} + 2 x {num_kv_heads}) x {head_dim}] for "
+             f"a cache of {cache_heads} KV heads of {head_dim}")
+    _require(positions.shape == (tokens,) and slot_mapping.shape == (tokens,),
+             f"qkv_rotary_cache: positions {positions.shape} and slot_mapping {slot_mapping.shape} for {tokens} "
+             "tokens")
+    _require(kv_scales is not None or qkv.dtype == k_cache.dtype,
+             f"qkv_rotary_cache: qkv is {_name(qkv)} but the cache is {_name(k_cache)}")
+    _require(head_dim % 2 == 0 and cos_sin.ndim == 2 and cos_sin.shape[1] == head_dim,
+             f"qkv_rotary_cache: cos_sin {cos_sin.shape} must be [max_pos, {head_dim}] (even head_dim)")
+    _require((q_norm is None) == (k_norm is None), "qkv_rotary_cache: q_norm and k_norm come together")
+    if kv_scales is not None:
+        _require(fp8_supported(qkv.dtype, head_dim, block_size),
+                 f"qkv_rotary_cache: no FP8 kernels for {_name(qkv)} with head_dim {head_dim}, block_size {block_size}")
+    if not _fused_qkv_supported(qkv, head_dim, bias, q_norm, k_norm):
+        from cupaged.layers import cuda_ops  # this module: the separate kernels compose the op
+
+        return reference.qkv_rotary_cache(qkv, num_heads, num_kv_heads, positions, cos_sin, k_cache, v_cache,
+                                          slot_mapping, bias, q_norm, k_norm, eps, kv_scales, ops=cuda_ops)
+    q = cupy.empty((tokens, num_heads, head_dim), dtype=qkv.dtype)
+    if tokens == 0:
+        return q
+    if _name(positions) != "int32" or not positions.flags.c_contiguous:
+        positions = cupy.ascontiguousarray(positions, dtype=cupy.int32)
+    if _name(slot_mapping) != "int32" or not slot_mapping.flags.c_contiguous:
+        slot_mapping = cupy.ascontiguousarray(slot_mapping, dtype=cupy.int32)
+    if _name(cos_sin) != "float32" or not cos_sin.flags.c_contiguous or not _aligned(cos_sin):
+        cos_sin = cupy.ascontiguousarray(cos_sin, dtype=cupy.float32)
+    t = ctype(qkv.dtype)
+    weight_t = ctype(q_norm.dtype) if q_norm is not None else t
+    cache_t = FP8_CTYPE if kv_scales is not None else t
+    flag = {True: "true", False: "false"}
+    items = (num_heads + 2 * num_kv_heads) * (head_dim // 2 // _vec(qkv.dtype))
+    block = min(THREADS, 32 * math.ceil(items / 32))
+    unused = q  # pointers the kernel does not read in this instantiation (no bias, no norm, no FP8 scales)
+    scales = tuple(kv_scales) if kv_scales is not None else (unused, unused)
+    kernel("qkv_rotary_cache.cu",
+           f"qkv_rotary_cache<{t}, {cache_t}, {weight_t}, {flag[bias is not None]}, {flag[q_norm is not None]}>")(
+        (tokens, math.ceil(items / block)), (block,),
+        (q, qkv, np.int64(qkv.strides[0] // qkv.itemsize), unused if bias is None else bias,
+         unused if q_norm is None else q_norm, unused if k_norm is None else k_norm, np.float32(eps), positions,
+         cos_sin, k_cache, v_cache) + scales + (slot_mapping, np.int32(num_heads), np.int32(num_kv_heads),
+                                                np.int32(head_dim), np.int32(block_size)))
+    return q
 
 
 def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array,

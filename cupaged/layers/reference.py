@@ -10,6 +10,8 @@ which is NumPy: CuPy arrays make a round trip through the host there (a test ora
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -93,6 +95,33 @@ def write_kv(k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: A
         codes, exponents = fp8.quantize_rows(_host(x[keep]).astype(np.float32))
         cache[blocks, :, offsets] = xp.asarray(codes)
         scales[blocks, :, offsets] = xp.asarray(exponents)
+
+
+def qkv_rotary_cache(qkv: Array, num_heads: int, num_kv_heads: int, positions: Array, cos_sin: Array,
+                     k_cache: Array, v_cache: Array, slot_mapping: Array, bias: Array | None = None,
+                     q_norm: Array | None = None, k_norm: Array | None = None, eps: float = 1e-6,
+                     kv_scales: tuple[Array, Array] | None = None, ops: ModuleType | None = None) -> Array:
+    """From the fused projection qkv [T, (Hq + 2 Hkv) * D] to attention's inputs: returns q [T, Hq, D] and writes
+    k, v into one layer's caches at slot_mapping (as write_kv).
+
+    In order: qkv + bias (when given), the per-head RMSNorm of q with q_norm and of k with k_norm (Qwen3; both or
+    neither), rotary on q and k (apply_rotary), then the cache write. This composition of the separate ops is what
+    the GPU's fused kernel computes; `ops` is the op set that runs it (this module when None; cuda_ops passes its
+    own separate kernels for what its fused kernel does not cover)."""
+    ops = ops or sys.modules[__name__]
+    if bias is not None:
+        qkv = qkv + bias
+    tokens, width = qkv.shape
+    head_dim = width // (num_heads + 2 * num_kv_heads)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].reshape(tokens, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].reshape(tokens, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:].reshape(tokens, num_kv_heads, head_dim)
+    if q_norm is not None:
+        q, k = ops.rms_norm(q, q_norm, eps), ops.rms_norm(k, k_norm, eps)
+    q, k = ops.apply_rotary(q, k, positions, cos_sin)
+    ops.write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scales=kv_scales)
+    return q
 
 
 def copy_blocks(k_cache: Array, v_cache: Array, src: Array, dst: Array,

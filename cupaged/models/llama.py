@@ -195,23 +195,16 @@ class LlamaModel:
                          cache: KVCache) -> tuple[Array, Array]:
         """Layer i up to attention: (q [T, Hq, D], the residual stream). K and V go into the cache."""
         c, ops, layer = self.config, self.ops, self.layers[i]
-        eps, tokens = c.rms_norm_eps, hidden.shape[0]
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        eps = c.rms_norm_eps
         if residual is None:  # the residual stream is kept in float32: bf16 rounding would accumulate in it
             x, residual = ops.rms_norm(hidden, layer.input_norm, eps), hidden.astype(self.xp.float32)
         else:
             x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
-        qkv = matmul(ops, x, layer.w_qkv)
-        if layer.b_qkv is not None:
-            qkv = qkv + layer.b_qkv
-        q = qkv[:, :q_size].reshape(tokens, c.num_heads, c.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].reshape(tokens, c.num_kv_heads, c.head_dim)
-        v = qkv[:, q_size + kv_size:].reshape(tokens, c.num_kv_heads, c.head_dim)
-        if layer.q_norm is not None:  # Qwen3 normalises each head before rotary
-            q = ops.rms_norm(q, layer.q_norm, eps)
-            k = ops.rms_norm(k, layer.k_norm, eps)
-        q, k = ops.apply_rotary(q, k, positions, self.cos_sin)
-        ops.write_kv(k, v, cache.k[i], cache.v[i], slot_mapping, kv_scales=cache.scales(i))
+        # bias, Qwen3's per-head q/k norms, rotary and the K/V write: one kernel on the GPU (a few tiny ones would
+        # cost more in launch and tail latency than in work at small batches)
+        q = ops.qkv_rotary_cache(matmul(ops, x, layer.w_qkv), c.num_heads, c.num_kv_heads, positions, self.cos_sin,
+                                 cache.k[i], cache.v[i], slot_mapping, bias=layer.b_qkv, q_norm=layer.q_norm,
+                                 k_norm=layer.k_norm, eps=eps, kv_scales=cache.scales(i))
         return q, residual
 
     def attention_outputs(self, i: int, attn: Array, residual: Array) -> tuple[Array, Array]:
