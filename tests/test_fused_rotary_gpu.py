@@ -79,7 +79,7 @@ class Case:
 
 
 def bits(a) -> np.ndarray:
-    a = a.get()
+    a = np.ascontiguousarray(a.get())
     return a.view(np.uint8) if a.dtype.itemsize == 1 else a.view(f"u{a.dtype.itemsize}")
 
 
