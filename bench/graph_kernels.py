@@ -126,8 +126,9 @@ def measure(path: str, fused: bool, replays: int) -> tuple[dict, object]:
 
     cuda_ops.FUSED_QKV = fused
     try:
+        # small token and context limits: fewer piecewise graphs and a shorter decode plan to capture
         engine = LLMEngine(path, device="cuda", dtype="bfloat16", load_format="dummy", max_num_seqs=1,
-                           gpu_memory_utilization=0.45)
+                           max_num_batched_tokens=256, max_model_len=1024, gpu_memory_utilization=0.45)
         engine.add_request("warmup", list(range(1, 129)), SamplingParams(temperature=0, max_tokens=8,
                                                                          ignore_eos=True))
         while engine.has_unfinished_requests():
