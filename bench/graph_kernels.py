@@ -171,7 +171,8 @@ def main(shape: str, replays: int, json_path: str | None) -> None:
         for name, n in r["by_kernel"].items():
             click.echo(f"  {n:5d}  {name}", file=sys.stderr)
     click.echo(f"copy bandwidth {copy_gbs:.0f} GB/s; {shape} weights read once at it: {limit_us:.0f} us")
-    click.echo(f"{'q|k|v path':<10} {'graph nodes':>11} {'kernels':>8} {'replay us':>9} {'limit us':>8} {'of limit':>8}")
+    click.echo(f"{'q|k|v path':<10} {'graph nodes':>11} {'kernels':>8} {'replay us':>9} {'limit us':>8} "
+               f"{'of limit':>8}")
     for r in rows:
         click.echo(f"{'fused' if r['fused'] else 'separate':<10} {r['nodes']:>11} {r['kernels']:>8} "
                    f"{r['replay_us']:>9.0f} {limit_us:>8.0f} {limit_us / r['replay_us']:>8.2f}")

@@ -361,7 +361,8 @@ def qkv_rotary_cache(qkv: Array, num_heads: int, num_kv_heads: int, positions: A
     _check_cache(k_cache, v_cache, kv_scales)
     _, cache_heads, block_size, head_dim = k_cache.shape
     tokens = qkv.shape[0]
-    _require(qkv.ndim == 2 and cache_heads == num_kv_heads and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim,
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    _require(qkv.ndim == 2 and cache_heads == num_kv_heads and qkv.shape[1] == width,
              f"qkv_rotary_cache: qkv {qkv.shape} must be [T, ({num_heads} + 2 x {num_kv_heads}) x {head_dim}] for "
              f"a cache of {cache_heads} KV heads of {head_dim}")
     _require(positions.shape == (tokens,) and slot_mapping.shape == (tokens,),
