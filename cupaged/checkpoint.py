@@ -174,7 +174,8 @@ def load_tensors(path: Path, expected: dict[str, tuple[int, ...]], dtype: str) -
             if tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(f"{file}: tensor {name} has shape {tuple(arr.shape)}, the config implies "
                                       f"{shape}")
-            out[name] = _fp8_weight(name, arr, file, found) if isinstance(arr, E4M3Bits) else to_dtype(arr, target)
+            out[name] = _fp8_weight(name, arr, file, found, target) if isinstance(arr, E4M3Bits) else \
+                to_dtype(arr, target)
             bar.update()
     return out
 
@@ -188,10 +189,12 @@ def _is_fp8_scale(name: str, found: dict[str, Any], expected: dict[str, tuple[in
     return False
 
 
-def _fp8_weight(name: str, codes: np.ndarray, file: Path, found: dict[str, tuple[np.ndarray, Path]]) -> Any:
+def _fp8_weight(name: str, codes: np.ndarray, file: Path, found: dict[str, tuple[np.ndarray, Path]],
+                target: np.dtype) -> Any:
     """An FP8 weight [out, in] and its `weight_scale` (per tensor: [] or [1]; per channel: [out] or [out, 1]) as
-    fp8_linear.Fp8Weight with one float32 scale per output channel."""
-    from cupaged.layers.fp8_linear import Fp8Weight
+    fp8_linear.Fp8Weight with one float32 scale per output channel; a tensor that is not a linear layer's (an
+    LM head stored in FP8) dequantized to `target`, as cupaged keeps those in the model dtype."""
+    from cupaged.layers.fp8_linear import LINEAR_SUFFIXES, Fp8Weight, dequantize_rows
 
     scale_name = name[:-len("weight")] + "weight_scale"
     if scale_name not in found:
@@ -201,7 +204,10 @@ def _fp8_weight(name: str, codes: np.ndarray, file: Path, found: dict[str, tuple
     if scale.size not in (1, rows):
         raise CheckpointError(f"{found[scale_name][1]}: {scale_name} has {scale.size} values; an FP8 weight of "
                               f"{rows} rows needs 1 (per tensor) or {rows} (per channel)")
-    return Fp8Weight(np.asarray(codes), np.ascontiguousarray(np.broadcast_to(scale, (rows,))))
+    weight = Fp8Weight(np.asarray(codes), np.ascontiguousarray(np.broadcast_to(scale, (rows,))))
+    if name.endswith(LINEAR_SUFFIXES):
+        return weight
+    return to_dtype(dequantize_rows(weight.codes, weight.scales), target)
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

@@ -246,3 +246,27 @@ def test_cli_option_reaches_the_engine() -> None:
     assert seen["quantization"] == "fp8"
     assert CliRunner().invoke(cmd, []).exit_code == 0 and seen["quantization"] is None
     assert CliRunner().invoke(cmd, ["--quantization", "int4"]).exit_code != 0
+
+
+def test_fp8_tensors_outside_linear_layers_are_dequantized(tmp_path, monkeypatch) -> None:
+    """An LM head stored in FP8 (it is not a linear layer cupaged quantizes) loads as float32 values."""
+    from cupaged import checkpoint
+
+    path = make_checkpoint(tmp_path / "ct", "llama-tiny", dtype="float32", quantization="compressed-tensors")
+    real = checkpoint.read_safetensors
+    head = {}
+
+    def patched(p):
+        t = real(p)
+        codes, scales = quantize_rows(np.asarray(t["lm_head.weight"]))
+        head["expected"] = dequantize_rows(codes, scales)
+        t["lm_head.weight"], t["lm_head.weight_scale"] = checkpoint.E4M3Bits(codes), scales[:, None]
+        return t
+
+    monkeypatch.setattr(checkpoint, "read_safetensors", patched)
+    config, _, read = open_checkpoint(path)
+    assert not config.tie_word_embeddings
+    tensors = read(expected_weights(config), "float32")
+    assert tensors["lm_head.weight"].dtype == np.float32
+    np.testing.assert_array_equal(tensors["lm_head.weight"], head["expected"])
+    assert isinstance(tensors["model.layers.1.mlp.up_proj.weight"], Fp8Weight)
