@@ -118,14 +118,17 @@ def main(ms: str, shapes: str, repeat: int, peers: bool, json_path: str | None) 
     device.set_device("cuda")
     ceilings = {**copy_bandwidth(repeat), "bf16_matmul_tflops": matmul_ceiling(repeat)}
     print(f"ceilings: copy {ceilings['copy_gb_s']:.0f} GB/s, bf16 matmul 8192^3 {ceilings['bf16_matmul_tflops']:.0f} "
-          "TFLOP/s (FP8 tensor-core peak ~2x that)")
-    rows = [measure(name, int(m), repeat, peers) for name in shapes.split(",") for m in ms.split(",")]
-    for r in rows:
-        print(f"{r['shape']:8s} M={r['M']:5d}: bf16 {r['bf16_ms'] * 1e3:8.1f} us ({r['bf16_tflops']:6.1f} TFLOP/s, "
-              f"{r['bf16_gb_s'] / ceilings['copy_gb_s']:.2f} of copy) | fp8 GEMM {r['fp8_gemm_ms'] * 1e3:8.1f} us "
-              f"({r['fp8_gemm_tflops']:6.1f} TFLOP/s, {r['fp8_gemm_gb_s'] / ceilings['copy_gb_s']:.2f} of copy) | "
-              f"fp8 linear {r['fp8_linear_ms'] * 1e3:8.1f} us" +
-              (f" | torch _scaled_mm {r['torch_scaled_mm_ms'] * 1e3:.1f} us" if r.get("torch_scaled_mm_ms") else ""))
+          "TFLOP/s (FP8 tensor-core peak ~2x that)", flush=True)
+    rows = []
+    for name in shapes.split(","):
+        for m in ms.split(","):  # each line as it is measured
+            rows.append(r := measure(name, int(m), repeat, peers))
+            print(f"{r['shape']:8s} M={r['M']:5d}: bf16 {r['bf16_ms'] * 1e3:8.1f} us ({r['bf16_tflops']:6.1f} TFLOP/s, "
+                  f"{r['bf16_gb_s'] / ceilings['copy_gb_s']:.2f} of copy) | fp8 GEMM {r['fp8_gemm_ms'] * 1e3:8.1f} us "
+                  f"({r['fp8_gemm_tflops']:6.1f} TFLOP/s, {r['fp8_gemm_gb_s'] / ceilings['copy_gb_s']:.2f} of copy) | "
+                  f"fp8 linear {r['fp8_linear_ms'] * 1e3:8.1f} us" +
+                  (f" | torch _scaled_mm {r['torch_scaled_mm_ms'] * 1e3:.1f} us" if r.get("torch_scaled_mm_ms")
+                   else ""), flush=True)
     print("\nshape    M     bf16 us  fp8-linear us  speedup  fp8-GEMM TFLOP/s")
     for r in rows:
         print(f"{r['shape']:8s} {r['M']:5d} {r['bf16_ms'] * 1e3:9.1f} {r['fp8_linear_ms'] * 1e3:13.1f} "

@@ -6,6 +6,8 @@ Outputs come from a NaN-poisoned memory pool (conftest.poison_memory_pool): an e
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,17 @@ def test_quantize_kernel_reads_strided_rows(ops) -> None:
     np.testing.assert_array_equal(scales.get(), expected_scales)
 
 
+@functools.cache
+def fp8_weight(shape: str, dtype: str) -> tuple[Fp8Linear, np.ndarray]:
+    """A random Llama-3-8B-shaped weight as an Fp8Linear, and its dequantized float32 values [N, K] (NumPy)."""
+    import cupy
+
+    n, k = LLAMA3_8B[shape]
+    w, _ = device_rows(np.random.default_rng(n).standard_normal((n, k), dtype=np.float32) * k ** -0.5, dtype)
+    linear = Fp8Linear.fuse([("w", QuantizeAtLoad(w))], cupy)
+    return linear, dequantize_rows(linear.codes.get(), linear.scales.get())
+
+
 @pytest.mark.parametrize("m", [1, 7, 129])
 @pytest.mark.parametrize("shape", ["qkv", "down"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -58,13 +71,11 @@ def test_fp8_gemm_matches_numpy(ops, m: int, shape: str, dtype: str) -> None:
     import cupy
 
     n, k = LLAMA3_8B[shape]
-    rng = np.random.default_rng(m + n)
-    x, xh = device_rows(random_rows(rng, m, k), dtype)
-    w, wh = device_rows(rng.standard_normal((n, k), dtype=np.float32) * k ** -0.5, dtype)
-    linear = Fp8Linear.fuse([("w", QuantizeAtLoad(w))], cupy)
+    x, xh = device_rows(random_rows(np.random.default_rng(m + n), m, k), dtype)
+    linear, w_values = fp8_weight(shape, dtype)
     out = matmul(x, linear)
     assert out.dtype == x.dtype and out.shape == (m, n)
-    expected = dequantize_rows(*quantize_rows(xh)) @ dequantize_rows(linear.codes.get(), linear.scales.get()).T
+    expected = dequantize_rows(*quantize_rows(xh)) @ w_values.T
     actual = out.get().astype(np.float32)
     assert np.isfinite(actual).all()
     # the codes are the reference's (test above); what is left is the output's 16-bit rounding (twice: before and
