@@ -25,6 +25,7 @@ WORKLOAD_OPTIONS = [
     click.option("--device", default=None, help="cpu or cuda (default: automatic)."),
     click.option("--dtype", default="auto", show_default=True),
     click.option("--max-num-seqs", default=256, show_default=True),
+    click.option("--quantization", type=click.Choice(["fp8"]), default=None, help="FP8 weights (engine option)."),
     click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
     click.option("--sync-scheduling", is_flag=True,
                  help="No async scheduling: read each step's tokens before the next."),

@@ -61,7 +61,11 @@ def resolve_model_path(name: str | Path) -> Path:
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": "float8_e4m3",
 }
+# The tensors next to an FP8 weight: its scales (read), its static input scale (ignored: activations get dynamic
+# per-token scales, layers/fp8_linear.py)
+FP8_SCALE_SUFFIXES = (".weight_scale", ".input_scale")
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -90,12 +94,12 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if data_start + end > size:
             raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, "
                                   f"the file has {size}")
-        view_dtype = np.uint16 if dtype == "bfloat16" else dtype
+        view_dtype = np.uint16 if dtype == "bfloat16" else np.uint8 if dtype == "float8_e4m3" else dtype
         shape = tuple(info["shape"])
         if (end - begin) != int(np.prod(shape)) * np.dtype(view_dtype).itemsize:
             raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes do not fit shape {shape}")
         arr = raw[data_start + begin:data_start + end].view(view_dtype).reshape(shape)
-        tensors[name] = BF16Bits(arr) if dtype == "bfloat16" else arr
+        tensors[name] = BF16Bits(arr) if dtype == "bfloat16" else E4M3Bits(arr) if dtype == "float8_e4m3" else arr
     return tensors
 
 
@@ -106,10 +110,21 @@ class BF16Bits(np.ndarray):
         return bits.view(cls)
 
 
+class E4M3Bits(np.ndarray):
+    """A uint8 array that holds float8 e4m3fn codes (safetensors' F8_E4M3; decoded by fp8.decode_e4m3)."""
+
+    def __new__(cls, bits: np.ndarray) -> "E4M3Bits":
+        return bits.view(cls)
+
+
 def to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Convert a host tensor (bf16 bits included) to `dtype`. A value out of the dtype's range becomes Inf
     silently here: FiniteCheck reports it, by tensor, when the model loads."""
-    if isinstance(arr, BF16Bits):
+    if isinstance(arr, E4M3Bits):
+        from cupaged.fp8 import decode_e4m3
+
+        arr = decode_e4m3(np.asarray(arr))
+    elif isinstance(arr, BF16Bits):
         if dtype.name == "bfloat16":
             return np.asarray(arr).view(dtype)
         arr = (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
@@ -148,7 +163,7 @@ def load_tensors(path: Path, expected: dict[str, tuple[int, ...]], dtype: str) -
     for file in files:
         for name, arr in read_safetensors(file).items():
             found[name] = (arr, file)
-    _check_ignored(found, expected, path)
+    _check_ignored([n for n in found if not _is_fp8_scale(n, found, expected)], expected, path)
     out = {}
     label = f"reading {files[0].name}" if len(files) == 1 else f"reading {len(files)} safetensors files"
     with progress(label, len(expected)) as bar:
@@ -159,9 +174,40 @@ def load_tensors(path: Path, expected: dict[str, tuple[int, ...]], dtype: str) -
             if tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(f"{file}: tensor {name} has shape {tuple(arr.shape)}, the config implies "
                                       f"{shape}")
-            out[name] = to_dtype(arr, target)
+            out[name] = _fp8_weight(name, arr, file, found, target) if isinstance(arr, E4M3Bits) else \
+                to_dtype(arr, target)
             bar.update()
     return out
+
+
+def _is_fp8_scale(name: str, found: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> bool:
+    """Whether `name` is the scale of an expected FP8 weight (FP8_SCALE_SUFFIXES)."""
+    for suffix in FP8_SCALE_SUFFIXES:
+        if name.endswith(suffix):
+            weight = name[:-len(suffix)] + ".weight"
+            return weight in expected and isinstance(found.get(weight, (None,))[0], E4M3Bits)
+    return False
+
+
+def _fp8_weight(name: str, codes: np.ndarray, file: Path, found: dict[str, tuple[np.ndarray, Path]],
+                target: np.dtype) -> Any:
+    """An FP8 weight [out, in] and its `weight_scale` (per tensor: [] or [1]; per channel: [out] or [out, 1]) as
+    fp8_linear.Fp8Weight with one float32 scale per output channel; a tensor that is not a linear layer's (an
+    LM head stored in FP8) dequantized to `target`, as cupaged keeps those in the model dtype."""
+    from cupaged.layers.fp8_linear import LINEAR_SUFFIXES, Fp8Weight, dequantize_rows
+
+    scale_name = name[:-len("weight")] + "weight_scale"
+    if scale_name not in found:
+        raise CheckpointError(f"{file}: FP8 tensor {name} has no {scale_name}")
+    scale = to_dtype(found[scale_name][0], np.dtype(np.float32)).reshape(-1)
+    rows = codes.shape[0]
+    if scale.size not in (1, rows):
+        raise CheckpointError(f"{found[scale_name][1]}: {scale_name} has {scale.size} values; an FP8 weight of "
+                              f"{rows} rows needs 1 (per tensor) or {rows} (per channel)")
+    weight = Fp8Weight(np.asarray(codes), np.ascontiguousarray(np.broadcast_to(scale, (rows,))))
+    if name.endswith(LINEAR_SUFFIXES):
+        return weight
+    return to_dtype(dequantize_rows(weight.codes, weight.scales), target)
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

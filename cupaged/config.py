@@ -98,6 +98,8 @@ class ModelConfig:
     torch_dtype: str | None = None
     # sliding-window attention of some layers: the context (max_position_embeddings) is capped at this window
     sliding_window: int | None = None
+    # weights stored quantized in the checkpoint (its quantization_config): None or "fp8" (layers/fp8_linear.py)
+    quantization: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -152,6 +154,7 @@ class ModelConfig:
             bos_token_id=r.token_id("bos_token_id"),
             eos_token_ids=r.token_ids("eos_token_id"),
             torch_dtype=r.text("torch_dtype") or r.text("dtype"),
+            quantization=_quantization(cfg, source),
             extra=cfg,
         )
         if config.num_heads % config.num_kv_heads:
@@ -301,15 +304,45 @@ def _check_math_fields(cfg: dict[str, Any], arch: str, r: _Reader) -> None:
             continue  # Qwen3 normalises q and k anyway
         if not any(_same(value, v) for v in no_ops):
             raise ConfigError(f"{source}: {key}={_json(value)} is not supported ({what})")
-    for key in ("quantization_config", "compression_config"):
-        quant = cfg.get(key)
-        if quant:
-            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-            raise ConfigError(f"{source}: {key} (quant_method {_json(method)}): quantized safetensors checkpoints are "
-                              "not supported yet; use an unquantized (bf16/fp16/fp32) checkpoint or a GGUF file")
     if "layer_norm_eps" in cfg and "rms_norm_eps" not in cfg:
         raise ConfigError(f"{source}: layer_norm_eps without rms_norm_eps: this config describes LayerNorm, "
                           "cupaged implements RMSNorm only")
+
+
+def _quantization(cfg: dict[str, Any], source: str) -> str | None:
+    """"fp8" for an FP8 checkpoint cupaged reads (Hugging Face / vLLM `quant_method: "fp8"` with per-tensor or
+    per-channel weight scales; compressed-tensors with 8-bit float weights, per tensor or channel), None for an
+    unquantized one; ConfigError naming the field for any other quantization. Input scales of static activation
+    schemes are ignored: activations are always quantized per token with dynamic scales."""
+    found = [(key, cfg[key]) for key in ("quantization_config", "compression_config") if cfg.get(key)]
+    if not found:
+        return None
+    key, quant = found[0]
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    where = f"{source}: {key}"
+    if method == "fp8":
+        if quant.get("weight_block_size"):
+            raise ConfigError(f"{where}: weight_block_size={_json(quant['weight_block_size'])}: block-wise FP8 "
+                              "scales are not supported (per-tensor and per-channel scales are)")
+        return "fp8"
+    if method == "compressed-tensors":
+        groups = quant.get("config_groups") or {}
+        if not isinstance(groups, dict) or not groups:
+            raise ConfigError(f"{where}: compressed-tensors without config_groups: nothing says how weights are "
+                              "stored")
+        for name, group in groups.items():
+            w = group.get("weights") if isinstance(group, dict) else None
+            if not isinstance(w, dict) or w.get("num_bits") != 8 or w.get("type") != "float" or \
+                    w.get("strategy") not in ("tensor", "channel"):
+                raise ConfigError(f"{where}: config_groups.{name}.weights={_json(w)}: only 8-bit float weights "
+                                  "with per-tensor or per-channel scales (FP8) are supported")
+        if quant.get("kv_cache_scheme"):
+            raise ConfigError(f"{where}: kv_cache_scheme is not supported (use kv_cache_dtype='fp8', whose "
+                              "scales are computed per row at run time)")
+        return "fp8"
+    raise ConfigError(f"{where} (quant_method {_json(method)}): this quantization is not supported; cupaged "
+                      "reads FP8 safetensors checkpoints (quant_method fp8 or compressed-tensors FP8), "
+                      "unquantized ones and GGUF files")
 
 
 def _rope_parameters(cfg: dict[str, Any], source: str) -> dict[str, Any]:

@@ -20,6 +20,10 @@ ENGINE_OPTIONS = [
     click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "fp8_e4m3"]), default="auto",
                  show_default=True, help="KV-cache storage: auto = the model dtype; fp8 (= fp8_e4m3) halves the "
                                          "cache's bytes per token (twice the cached tokens, faster decode)."),
+    click.option("--quantization", type=click.Choice(["fp8"]), default=None,
+                 help="Quantize the linear layers' weights at load: fp8 = e4m3 with per-channel scales, activations "
+                      "per token (half the weight bytes; needs an sm_89+ GPU, or runs emulated on the CPU). A "
+                      "checkpoint already in FP8 is read as such without it."),
     click.option("--max-model-len", type=int, default=None, help="Longest prompt + output, in tokens."),
     click.option("--block-size", type=click.Choice(["8", "16", "32"]), default="16", show_default=True,
                  help="Tokens per KV-cache block."),
@@ -77,7 +81,7 @@ def engine_kwargs(o: dict) -> dict:
                 gpu_memory_utilization=o["gpu_memory_utilization"], seed=o["seed"],
                 enforce_eager=o["enforce_eager"], max_logprobs=o["max_logprobs"], num_kv_blocks=o["num_kv_blocks"],
                 tensor_parallel_size=o["tensor_parallel_size"], gguf_dequantize=o["gguf_dequantize"],
-                kv_cache_dtype=o["kv_cache_dtype"])
+                kv_cache_dtype=o["kv_cache_dtype"], quantization=o["quantization"])
 
 
 def model_path(o: dict) -> str:

@@ -311,22 +311,69 @@ def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> Iterat
         yield chunk
 
 
+# FP8 checkpoints (`quantization`): the linear layers' weights as F8_E4M3 codes with float32 scales, in the
+# layouts cupaged reads (cupaged/checkpoint.py): "fp8" is Hugging Face / vLLM's (quant_method fp8, one scale per
+# tensor, a static input_scale that cupaged ignores), "compressed-tensors" llm-compressor's FP8 (one scale per
+# output channel, [out, 1]). Embeddings, norms and the LM head stay in `dtype`.
+QUANTIZATIONS: dict[str, dict] = {
+    "fp8": {"quant_method": "fp8", "activation_scheme": "static"},
+    "compressed-tensors": {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                  "dynamic": True}}}},
+}
+_LINEAR_SUFFIXES = ("_proj.weight",)
+
+
+def _quantized(name: str, quantization: str | None) -> bool:
+    return quantization is not None and name.startswith("model.layers.") and name.endswith(_LINEAR_SUFFIXES)
+
+
+def _layout(name: str, shape: tuple[int, ...], dtype: str, quantization: str | None) -> list[tuple[str, list, str]]:
+    """(name, shape, safetensors dtype) of the tensors that store weight `name`: itself, or FP8 codes and scales."""
+    if not _quantized(name, quantization):
+        return [(name, list(shape), DTYPES[dtype][0])]
+    base = name[:-len("weight")]
+    if quantization == "fp8":
+        return [(name, list(shape), "F8_E4M3"), (base + "weight_scale", [], "F32"), (base + "input_scale", [], "F32")]
+    return [(name, list(shape), "F8_E4M3"), (base + "weight_scale", [shape[0], 1], "F32")]
+
+
+def _fp8_arrays(x: np.ndarray, quantization: str) -> list[np.ndarray]:
+    """The codes and scales (and input scale) of a float32 weight, as _layout lists them."""
+    from cupaged.layers.fp8_linear import quantize_rows
+
+    if quantization == "fp8":  # one scale for the tensor
+        codes, scale = quantize_rows(x.reshape(1, -1))
+        return [codes.reshape(x.shape), scale.reshape(()), np.float32(1.0)]
+    codes, scales = quantize_rows(x)
+    return [codes, scales.reshape(-1, 1)]
+
+
 def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str,
-                       rng: np.random.Generator) -> int:
+                       rng: np.random.Generator, quantization: str | None = None) -> int:
     """Write one safetensors file, drawing each tensor as it goes; returns the bytes of tensor data."""
-    tag, size = DTYPES[dtype]
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}
     for name, shape in tensors:
-        nbytes = math.prod(shape) * size
-        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        for stored, stored_shape, tag in _layout(name, shape, dtype, quantization):
+            nbytes = math.prod(stored_shape) * sizes[tag]
+            header[stored] = {"dtype": tag, "shape": stored_shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors itself writes
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape in tensors:
+            if _quantized(name, quantization):  # the scales need the whole tensor (drawn as the same numbers)
+                for arr in _fp8_arrays(np.concatenate(list(_draw(rng, name, shape))), quantization):
+                    f.write(np.ascontiguousarray(arr).tobytes())
+                continue
             for chunk in _draw(rng, name, shape):
                 f.write(memoryview(_encode(chunk, dtype)).cast("B"))
         if f.tell() != 8 + len(raw) + offset:
@@ -335,13 +382,15 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], d
 
 
 def make_checkpoint(out_dir: str | Path, preset: str, dtype: str = "float32", seed: int = 0,
-                    shard_bytes: int | None = None, weights: bool = True, **config_overrides: object) -> Path:
+                    shard_bytes: int | None = None, weights: bool = True, quantization: str | None = None,
+                    **config_overrides: object) -> Path:
     """Write a checkpoint directory for `preset` (a key of PRESETS) and return its path.
 
     `dtype` is float32, float16 or bfloat16; `shard_bytes` splits the weights into files of at most about that
     size (a tensor is never split); `config_overrides` replace config.json entries (max_position_embeddings=4096,
     num_hidden_layers=4, ...). Stale model*.safetensors files in `out_dir` are removed first. Without `weights`
-    only the config and tokenizer files are written (for `LLMEngine(..., load_format="dummy")`).
+    only the config and tokenizer files are written (for `LLMEngine(..., load_format="dummy")`). `quantization`
+    (a key of QUANTIZATIONS) stores the linear layers in FP8, the same draws quantized.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -353,6 +402,10 @@ def make_checkpoint(out_dir: str | Path, preset: str, dtype: str = "float32", se
     config = copy.deepcopy(PRESETS[preset])
     config.update(copy.deepcopy(config_overrides))
     config["torch_dtype"] = dtype
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+        config["quantization_config"] = copy.deepcopy(QUANTIZATIONS[quantization])
 
     tokenizer = make_tokenizer(config)
     specials = _specials(config)
@@ -402,9 +455,10 @@ def make_checkpoint(out_dir: str | Path, preset: str, dtype: str = "float32", se
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        nbytes = _write_safetensors(out / name, shard, dtype, rng)
+        nbytes = _write_safetensors(out / name, shard, dtype, rng, quantization)
         total += nbytes
-        weight_map.update(dict.fromkeys((n for n, _ in shard), name))
+        weight_map.update(dict.fromkeys((stored for n, shape in shard
+                                         for stored, _, _ in _layout(n, shape, dtype, quantization)), name))
         logger.info("wrote %s (%d tensors, %.1f MB)", out / name, len(shard), nbytes / 1e6)
     if len(shards) > 1:
         write_json("model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -457,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="split the weights into shards of about this size")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override a config.json entry, e.g. --set max_position_embeddings=4096 (repeatable)")
+    parser.add_argument("--quantization", choices=list(QUANTIZATIONS), default=None,
+                        help="store the linear layers in FP8 (Hugging Face's fp8 or compressed-tensors' layout)")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -479,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
             overrides[key] = value
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = make_checkpoint(args.out, args.preset, dtype=args.dtype, seed=args.seed, shard_bytes=args.shard_bytes,
-                           **overrides)
+                           quantization=args.quantization, **overrides)
     logger.info("weights_digest %s", weights_digest(path))
 
 

@@ -39,6 +39,7 @@ from cupaged.parallel.tp_runner import TensorParallelRunner
 from cupaged.engine.sampling import GrammarMasks, grammar_masks, record_logprobs, sampling_metadata
 from cupaged.sampler import log_softmax, mask_tokens, sample_on_device
 from cupaged.kv_cache import resolve_kv_cache_dtype
+from cupaged.layers import fp8_linear
 from cupaged.sampling_params import SamplingParams, check_token_ids
 from cupaged.structured import Matcher, build_tokenizer, grammar_for
 
@@ -86,12 +87,13 @@ class EngineCore:
                  cpu_kv_cache_bytes: int = 2 << 30, num_kv_blocks: int | None = None, seed: int = 0,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
                  async_scheduling: bool = True, max_logprobs: int = 20, tensor_parallel_size: int = 1,
-                 gguf_dequantize: bool = False, kv_cache_dtype: str = "auto"):
+                 gguf_dequantize: bool = False, kv_cache_dtype: str = "auto", quantization: str | None = None):
         check_engine_options(block_size=block_size, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
                              cpu_kv_cache_bytes=cpu_kv_cache_bytes, num_kv_blocks=num_kv_blocks, seed=seed,
                              load_format=load_format, max_logprobs=max_logprobs, gguf_dequantize=gguf_dequantize)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)  # ValueError naming the option
+        quantization = fp8_linear.resolve_quantization(quantization)
         self.device = devices.set_device(device)
         xp = devices.xp()
         if dtype == "auto":
@@ -100,7 +102,13 @@ class EngineCore:
         t0 = time.perf_counter()
         self.config, self.tokenizer, read_tensors = open_checkpoint(model)
         check_runnable(self.config, self.device, self.dtype, cuda_graphs=not enforce_eager)
-        check_tp(self.config, tensor_parallel_size, gpu_count(self.device))
+        check_tp(self.config, tensor_parallel_size, gpu_count(self.device), quantization)
+        if quantization and str(model).endswith(".gguf"):
+            raise ValueError(f"quantization={quantization!r} applies to safetensors checkpoints; a GGUF file's "
+                             "weights are quantized already")
+        self.quantization = quantization or self.config.quantization  # a checkpoint in FP8 is read as such
+        if self.quantization:
+            fp8_linear.check_device(self.device, self.dtype)
         model_len = resolve_max_model_len(self.config, max_model_len)
         if load_format == "dummy":
             tensors = dummy_weights(expected_weights(self.config), self.dtype, xp, seed)
@@ -108,6 +116,8 @@ class EngineCore:
             # on the GPU a GGUF's block-quantized weights stay quantized unless asked (layers/gguf_ops.py)
             tensors = read_tensors(expected_weights(self.config), self.dtype.name,
                                    dequantize=gguf_dequantize or self.device != "cuda")
+        if quantization:  # linear layers quantized to FP8 on the device they are uploaded to
+            tensors = fp8_linear.quantize_at_load(tensors)
         max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
         runner_args = (self.config, tensors, self.dtype, self.device, xp, block_size, max_num_batched_tokens,
                        model_len, max_num_seqs, self.kv_cache_dtype)
@@ -149,9 +159,9 @@ class EngineCore:
         self.trace_events: list[tuple[Any, Any]] = []
         # Set to a list to record each step's (KV slots used, slots allocated): bench/bench_kv_waste.py's input.
         self.kv_history: list[tuple[int, int]] | None = None
-        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs; KV cache (%s): %d blocks of %d tokens, "
+        logger.info("loaded %s (%s, %d layers) as %s%s on %s in %.1fs; KV cache (%s): %d blocks of %d tokens, "
                     "%d tokens at most (%.2f GiB)", model, self.config.architecture, self.config.num_layers,
-                    self.dtype.name, self.device, time.perf_counter() - t0, self.kv_cache_dtype, num_blocks,
+                    self.dtype.name, f" (linear layers {self.quantization})" if self.quantization else "", self.device, time.perf_counter() - t0, self.kv_cache_dtype, num_blocks,
                     block_size, num_blocks * block_size, num_blocks * self.runner.bytes_per_block() / 2**30)
 
     def info(self) -> CoreInfo:

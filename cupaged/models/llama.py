@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from cupaged.checkpoint import FiniteCheck
 from cupaged.config import ModelConfig, rope_cos_sin
 from cupaged.kv_cache import AttentionMetadata, KVCache
-from cupaged.layers import gguf_ops
+from cupaged.layers import fp8_linear, gguf_ops
+from cupaged.layers.fp8_linear import Fp8Linear, Fp8Weight, QuantizeAtLoad
 from cupaged.progress import progress
 from cupaged.quant import QuantizedLinear, QuantizedWeight
 
@@ -33,11 +34,13 @@ if TYPE_CHECKING:
 Array = Any
 
 
-def matmul(ops: ModuleType, x: Array, w: Array | QuantizedLinear, out_dtype: Any = None,
+def matmul(ops: ModuleType, x: Array, w: Array | QuantizedLinear | Fp8Linear, out_dtype: Any = None,
            out: Array | None = None) -> Array:
-    """x @ w through the device's ops, or through gguf_ops when w is a GGUF-quantized weight."""
+    """x @ w through the device's ops, or through gguf_ops / fp8_linear when w is a GGUF / FP8 weight."""
     if isinstance(w, QuantizedLinear):
         return gguf_ops.matmul(x, w, out_dtype, out)
+    if isinstance(w, Fp8Linear):
+        return fp8_linear.matmul(x, w, out_dtype, out)
     return ops.matmul(x, w, out_dtype, out)
 
 
@@ -90,8 +93,10 @@ class Layer:
                 check.add(prefix + name, a)
             return a
 
-        def fused_t(*names: str) -> Array | QuantizedLinear:  # [in, sum of outs], contiguous
+        def fused_t(*names: str) -> Array | QuantizedLinear | Fp8Linear:  # [in, sum of outs], contiguous
             raw = [t[prefix + n] for n in names]
+            if any(isinstance(w, (Fp8Weight, QuantizeAtLoad)) for w in raw):  # FP8: kept [out, in], K-major
+                return Fp8Linear.fuse([(prefix + n, w) for n, w in zip(names, raw)], xp, check)
             quantized = [isinstance(w, QuantizedWeight) for w in raw]
             if all(quantized):  # kept as in the file: the kernels read [out, in] blocks
                 return QuantizedLinear.fuse([upload_quantized(prefix + n, w, xp, check)

@@ -34,15 +34,20 @@ class TensorParallelError(ValueError):
     """A tensor-parallel size this model or machine cannot run."""
 
 
-def check_tp(config: ModelConfig, tp: object, num_gpus: int | None) -> None:
+def check_tp(config: ModelConfig, tp: object, num_gpus: int | None, quantization: str | None = None) -> None:
     """Refuse, naming the shape, a tensor_parallel_size the model's shapes or the machine cannot take.
 
     `num_gpus`: the GPUs visible on the CUDA path; None on the CPU, where ranks are threads of this process.
+    `quantization`: the engine's (or the checkpoint's) weight quantization.
     """
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise TensorParallelError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
     if tp == 1:
         return
+    if quantization or config.quantization:  # the shards would have to split FP8 codes and their scales
+        raise TensorParallelError(f"tensor_parallel_size={tp} with quantization="
+                                  f"{quantization or config.quantization!r} is not supported: FP8 weights are "
+                                  "not split over ranks yet; run with tensor_parallel_size=1")
     if config.num_heads % tp:
         raise TensorParallelError(f"tensor_parallel_size={tp} does not divide the {config.num_heads} attention "
                                   "heads (num_attention_heads)")
