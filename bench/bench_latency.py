@@ -1,13 +1,15 @@
 """Batch-1 decode latency: tokens/s of one request against the limit that reading every weight once per token
 at the measured copy bandwidth allows.
 
-    python -m bench.bench_latency [--shapes qwen3-0.6b,llama-3-8b] [--tokens 256] [--json latency.json]
+    python -m bench.bench_latency [--shapes qwen3-0.6b,llama-3-8b] [--tokens 256] [--quantization fp8]
+                                  [--json latency.json]
 
 Each shape is a preset of tools/make_checkpoint.py written without weights; the engine makes random bf16 weights
 on the GPU (`load_format="dummy"`). One request, a 128-token prompt, greedy, EOS ignored; the time of every step
 after the first (the prefill) is measured, with the CUDA graphs and with `enforce_eager`. Bytes per token = every
 weight the step reads (the embedding table counts only when it is also the LM head) + the K/V read; the limit
 is the device-to-device copy bandwidth (bytes read + written, the same as bench_decode_attention) over them.
+With `--quantization fp8` the linear layers are quantized to FP8 at load (1 byte a weight in the limit).
 """
 
 from __future__ import annotations
@@ -25,27 +27,28 @@ import numpy as np
 from bench.bench_decode_attention import copy_bandwidth
 from cupaged import LLMEngine, SamplingParams
 from cupaged.kv_cache import KVCache
+from cupaged.layers.fp8_linear import LINEAR_SUFFIXES
 from cupaged.models.llama import expected_weights
 from tools.make_checkpoint import make_checkpoint
 
 PROMPT = 128
 
 
-def weight_bytes(config) -> int:
-    """Bytes of the weights one decode step reads (bf16)."""
+def weight_bytes(config, quantization: str | None = None) -> int:
+    """Bytes of the weights one decode step reads (bf16; FP8 linear layers 1 byte a weight)."""
     shapes = expected_weights(config)
-    total = sum(math.prod(s) for s in shapes.values())
     if not config.tie_word_embeddings:  # the embedding table is only gathered from
-        total -= math.prod(shapes["model.embed_tokens.weight"])
-    return 2 * total
+        del shapes["model.embed_tokens.weight"]
+    return sum(math.prod(s) * (1 if quantization and name.endswith(LINEAR_SUFFIXES) else 2)
+               for name, s in shapes.items())
 
 
-def decode_rate(path: str, tokens: int, enforce_eager: bool) -> tuple[float, object]:
+def decode_rate(path: str, tokens: int, enforce_eager: bool, quantization: str | None = None) -> tuple[float, object]:
     """Decode tokens/s of one request (steps after the prefill), and the engine's config."""
     import cupy
 
     engine = LLMEngine(path, device="cuda", dtype="bfloat16", load_format="dummy", max_num_seqs=1,
-                       gpu_memory_utilization=0.45, enforce_eager=enforce_eager)
+                       gpu_memory_utilization=0.45, enforce_eager=enforce_eager, quantization=quantization)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 1000, PROMPT).tolist()
     engine.add_request("warmup", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
@@ -69,8 +72,9 @@ def decode_rate(path: str, tokens: int, enforce_eager: bool) -> tuple[float, obj
 @click.command()
 @click.option("--shapes", default="qwen3-0.6b,llama-3-8b", show_default=True)
 @click.option("--tokens", default=256, show_default=True, help="Tokens generated per measurement.")
+@click.option("--quantization", type=click.Choice(["fp8"]), default=None, help="Linear layers in FP8.")
 @click.option("--json", "json_path", default=None)
-def main(shapes: str, tokens: int, json_path: str | None) -> None:
+def main(shapes: str, tokens: int, quantization: str | None, json_path: str | None) -> None:
     from cupaged import device
 
     device.set_device("cuda")
@@ -80,13 +84,14 @@ def main(shapes: str, tokens: int, json_path: str | None) -> None:
             click.progressbar(shapes.split(","), label="batch-1 decode", file=sys.stderr) as bar:
         for preset in bar:
             path = str(make_checkpoint(f"{tmp}/{preset}", preset, dtype="bfloat16", weights=False))
-            graphs, config = decode_rate(path, tokens, enforce_eager=False)
-            eager, _ = decode_rate(path, tokens, enforce_eager=True)
+            graphs, config = decode_rate(path, tokens, False, quantization)
+            eager, _ = decode_rate(path, tokens, True, quantization)
             context = PROMPT + tokens // 2  # the average context over the measured steps
             kv = KVCache.bytes_per_block(config, 1, np.dtype(np.uint16)) * context
-            nbytes = weight_bytes(config) + kv
+            nbytes = weight_bytes(config, quantization) + kv
             limit = copy_gbs * 1e9 / nbytes
-            rows.append({"shape": preset, "weight_gb": weight_bytes(config) / 1e9, "kv_gb": kv / 1e9,
+            rows.append({"shape": preset, "quantization": quantization,
+                         "weight_gb": weight_bytes(config, quantization) / 1e9, "kv_gb": kv / 1e9,
                          "limit_tok_s": limit, "graphs_tok_s": graphs, "eager_tok_s": eager,
                          "fraction_of_limit": graphs / limit, "copy_gb_s": copy_gbs})
     if json_path:

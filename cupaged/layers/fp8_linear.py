@@ -4,7 +4,11 @@ The linear layers (q|k|v, o, gate|up, down) are stored as codes [out, in] (K-maj
 and scales [out]; embeddings, norms and the LM head stay in the model dtype. A product x @ w quantizes x per
 token (row) with a dynamic scale, multiplies the codes, and scales the result by the outer product of the token
 and channel scales:
-- GPU (sm_89+): cuda/fp8_quant.cu quantizes the rows, layers/cublaslt.py multiplies, fp8_quant.cu scales.
+- GPU (sm_89+), more than GEMV_MAX_ROWS rows of x: cuda/fp8_quant.cu quantizes the rows, layers/cublaslt.py
+  multiplies, fp8_quant.cu scales.
+- GPU, up to GEMV_MAX_ROWS rows (decode): the weight-streaming GEMV (layers/weight_stream.py) reads the codes once,
+  converts them in registers and multiplies by x as it is (bf16/fp16, not quantized), fp32 accumulation, the
+  channel scale applied once per output: W8A16, so its results are closer to x @ w than the W8A8 path's.
 - CPU: the same quantization in NumPy (fp8.encode_e4m3's exact rounding, the GPU kernels' reference), then the
   product of the dequantized float32 values.
 Scales are amax / 448 (float, not a power of two): the full e4m3 range is used, and the division by them happens
@@ -39,6 +43,9 @@ LINEAR_SUFFIXES = tuple(f"{p}.weight" for p in ("self_attn.q_proj", "self_attn.k
                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 MIN_AMAX = np.float32(1e-30)  # fp8_quant.cu's FP8_MIN_AMAX: a zero row gets a finite scale
 K_MULTIPLE = 16  # cuBLASLt FP8: leading dimensions (K bytes) multiples of 16; N too, for 16-byte output rows
+# Up to this many rows of x, the W8A16 GEMV instead of quantize + cuBLASLt + scale (three launches).
+GEMV_MAX_ROWS = 16
+GEMV_FUNCTOR = "cupaged::stream::Fp8"
 
 
 def resolve_quantization(quantization: str | None) -> str | None:
@@ -191,6 +198,16 @@ def _matmul_gpu(x: Array, w: Fp8Linear, out_dtype: np.dtype, out: Array | None) 
     if out_dtype.name not in ("bfloat16", "float16"):
         raise ValueError(f"fp8 matmul on the GPU writes float16 or bfloat16, not {out_dtype.name}")
     m, n = x.shape[0], w.shape[1]
+    if 0 < m <= GEMV_MAX_ROWS and w.codes.data.ptr % 16 == 0:
+        from cupaged.layers import weight_stream
+
+        result = out if out is not None and out.strides[1] == out.itemsize else cupy.empty((m, n), dtype=out_dtype)
+        weight_stream.gemv(GEMV_FUNCTOR, w.codes, w.codes.shape[1], n, w.codes.shape[1],
+                           weight_stream.streamable(x), result, row_scales=w.scales)
+        if out is not None and result is not out:
+            out[...] = result
+            return out
+        return result
     result = out if out is not None and out.flags.c_contiguous else cupy.empty((m, n), dtype=out_dtype)
     if m:
         xq, xs = _quantize_rows_gpu(x)

@@ -2,8 +2,10 @@
 
 On the host (NumPy blocks) the weight is dequantized by quant.py's reference and multiplied: what the GPU path
 is tested against. On the GPU (CuPy blocks), by the kernels of cuda/gguf_matmul.cu:
-- up to GEMV_MAX_ROWS activation rows (decode batches): the fused dequantize + matrix-vector kernel, which reads
-  every weight byte once; one launch per part of a fused projection, each writing its own output columns;
+- up to GEMV_MAX_ROWS activation rows (decode batches): the weight-streaming GEMV (layers/weight_stream.py),
+  which reads every weight byte once; one launch per part of a fused projection, each writing its own output
+  columns. Q8_0 and Q4_K have streaming functors of their own (wide loads, then decoding); the other formats go
+  through their 8-value dequantizers (`Legacy`);
 - more rows (prefill, large batches): each part is dequantized, at most SCRATCH_ELEMENTS values at a time, into
   a buffer kept for the process, and multiplied there by cuBLAS (tensor cores). The buffer is bounded so that it
   costs a fixed 64 MiB (bf16), not a copy of the largest matrix (the LM head of a 128k vocabulary is 1 GiB in bf16).
@@ -20,14 +22,13 @@ from typing import Any
 import numpy as np
 
 from cupaged.device import array_module
+from cupaged.layers import weight_stream
 from cupaged.quant import KERNEL_FORMATS, QuantizedLinear, QuantizedWeight
 
 Array = Any
-GEMV_MAX_ROWS = 16
-GEMV_TILES = (1, 2, 4, 8, 16)  # the kernel's row counts MT: a call uses the smallest one >= its rows
+GEMV_MAX_ROWS = weight_stream.GEMV_MAX_ROWS
 SCRATCH_ELEMENTS = 1 << 25
-WARPS_PER_BLOCK = 4
-FLOATS = ("float32", "float16", "bfloat16")
+STREAM_FUNCTORS = {"Q8_0": "cupaged::stream::Q8_0", "Q4_K": "cupaged::stream::Q4_K"}  # need 16-byte aligned rows
 
 
 def matmul(x: Array, w: QuantizedLinear, out_dtype: Any = None, out: Array | None = None) -> Array:
@@ -71,24 +72,19 @@ def embedding(w: QuantizedLinear, ids: Array, dtype: Any) -> Array:
 def _cuda_matmul(x: Array, w: QuantizedLinear, out: Array) -> Array:
     import cupy
 
-    from cupaged.kernels import ctype
 
     m = x.shape[0]
     if m == 0:
         return out
-    # the GEMV reads x 16 bytes at a time (K is a whole number of 32-value blocks)
-    if x.dtype.name not in FLOATS or x.strides[1] != x.itemsize or x.strides[0] % 16 or x.data.ptr % 16:
-        x = cupy.ascontiguousarray(x, dtype=x.dtype if x.dtype.name in FLOATS else cupy.float32)
+    x = weight_stream.streamable(x)
     if m <= GEMV_MAX_ROWS:
-        tile = next(t for t in GEMV_TILES if t >= m)
         col = 0
         for p in w.parts:
             rows, cols = p.shape
-            _gemv(p.format, ctype(x.dtype), ctype(out.dtype), tile)(
-                (-(-rows // WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,),
-                (p.blocks, np.int64(p.blocks.shape[1]), x, np.int64(x.strides[0] // x.itemsize),
-                 _ptr(out, col), np.int64(out.strides[0] // out.itemsize), np.int32(rows), np.int32(cols),
-                 np.int32(m)))
+            row_bytes = p.blocks.shape[1]
+            fast = STREAM_FUNCTORS.get(p.format) if (p.blocks.data.ptr | row_bytes) % 16 == 0 else None
+            functor = fast or f"cupaged::stream::Legacy<cupaged::gguf::{p.format}>"
+            weight_stream.gemv(functor, p.blocks, row_bytes, rows, cols, x, out, col)
             col += rows
         return out
     from cupaged.layers import cublas
@@ -121,29 +117,12 @@ def _dequantize_rows(p: QuantizedWeight, ids: Array | None, n: int, out: Array, 
          np.int32(p.shape[1]), out, np.int64(out.strides[0] // out.itemsize)))
 
 
-# Every format's instantiations for one pair of types are compiled together: NVRTC's cost is mostly parsing the
-# headers, so one module of 40 kernels takes little longer than one kernel.
-@functools.cache
-def _gemv(fmt: str, x_type: str, out_type: str, tile: int) -> Any:
-    from cupaged.kernels import module
-
-    names = tuple(f"gguf_gemv<cupaged::gguf::{f}, {x_type}, {out_type}, {t}>" for f in KERNEL_FORMATS
-                  for t in GEMV_TILES)
-    return module("gguf_matmul.cu", names).get_function(
-        f"gguf_gemv<cupaged::gguf::{fmt}, {x_type}, {out_type}, {tile}>")
-
-
 @functools.cache
 def _dequantize(fmt: str, out_type: str) -> Any:
     from cupaged.kernels import module
 
     names = tuple(f"gguf_dequantize<cupaged::gguf::{f}, {out_type}>" for f in KERNEL_FORMATS)
     return module("gguf_matmul.cu", names).get_function(f"gguf_dequantize<cupaged::gguf::{fmt}, {out_type}>")
-
-
-def _ptr(a: Array, col: int) -> np.uint64:
-    """The address of a[0, col] (a part's first output column)."""
-    return np.uint64(a.data.ptr + col * a.strides[1])
 
 
 @functools.cache
