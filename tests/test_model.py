@@ -43,15 +43,15 @@ def test_sharded_checkpoint_equals_single_file(checkpoints, tmp_path) -> None:
     sharded = make_checkpoint(tmp_path / "sharded", "qwen3-tiny", shard_bytes=200_000)
     assert (sharded / "model.safetensors.index.json").is_file()
     a, b = (load_model(p, "float32", reference, np) for p in (single, sharded))
-    assert np.array_equal(a.layers[1].w_qkv, b.layers[1].w_qkv)
-    assert np.array_equal(a.lm_head, b.lm_head)
+    assert np.array_equal(a.layers[1].w_qkv.weight, b.layers[1].w_qkv.weight)
+    assert np.array_equal(a.lm_head.weight, b.lm_head.weight)
 
 
 def test_bfloat16_checkpoint_reads_like_float32(checkpoints, tmp_path) -> None:
     pytest.importorskip("ml_dtypes")
     f32 = load_model(checkpoints("llama-tiny"), "float32", reference, np)
     bf16 = load_model(make_checkpoint(tmp_path / "bf16", "llama-tiny", dtype="bfloat16"), "float32", reference, np)
-    assert relative_error(bf16.layers[0].w_down, f32.layers[0].w_down) < 1e-2
+    assert relative_error(bf16.layers[0].w_down.weight, f32.layers[0].w_down.weight) < 1e-2
 
 
 def test_missing_config(tmp_path) -> None:

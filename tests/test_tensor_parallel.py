@@ -65,7 +65,7 @@ def test_a_rank_with_the_wrong_kv_head_is_caught(checkpoints) -> None:
     group, models = sharded_models(config, tensors, 4)
     kv = slice(config.num_heads // 4 * config.head_dim, None)  # a rank's fused q|k|v: past its one q head, k and v
     for wrong, right in zip(models[1].layers, models[2].layers):
-        wrong.w_qkv[:, kv] = right.w_qkv[:, kv]
+        wrong.w_qkv.weight[kv] = right.w_qkv.weight[kv]  # [out, in]: output rows
     got = group.run(lambda rank: teacher_forced_logits(models[rank], seqs, prompt_lens))[0]
     assert max(relative_error(g, e) for g, e in zip(got, expected)) > 1e-3
 

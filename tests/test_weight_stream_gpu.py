@@ -158,3 +158,22 @@ def test_graph_replay_equals_eager(ops, functor: str) -> None:
     weight_stream.gemv(functor, w, row_bytes, ROWS, 4096, x, eager, row_scales=scales)
     np.testing.assert_array_equal(out.get(), eager.get())
 
+
+@pytest.mark.parametrize("m", [1, 16, 17, 64])
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
+def test_dense_linear_dispatch(ops, m: int, out_dtype: str) -> None:
+    """DenseLinear: the GEMV up to GEMV_MAX_ROWS rows, cuBLAS TN beyond (bf16 tensor cores, fp32 accumulation: the
+    same bounds), into a NaN-poisoned `out` and into a fresh array."""
+    import cupy
+
+    from cupaged.layers.dense_linear import DenseLinear, matmul
+
+    rng = np.random.default_rng(m)
+    w, wh = device_x(rng, 320, 4096, "bfloat16")
+    x, xh = device_x(rng, m, 4096, "bfloat16")
+    out = cupy.full((m, 320), np.nan, dtype=out_dtype)
+    assert matmul(x, DenseLinear(w), out=out) is out
+    check(out.get().astype(np.float32), xh @ wh.T, out_dtype)
+    fresh = matmul(x, DenseLinear(w), out_dtype)
+    assert fresh.dtype == np.dtype(out.dtype)
+    np.testing.assert_array_equal(fresh.get(), out.get())

@@ -104,9 +104,15 @@ def handle() -> Cublas:
     return _handle(cupy.cuda.Device().id)
 
 
-def supported(a: Array, b: Array, out_dtype: np.dtype) -> bool:
-    """True when the GEMM fits cublasGemmEx as used here (else the caller uses CuPy's matmul)."""
-    return (a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0] and a.dtype == b.dtype
+def supported(a: Array, b: Array, out_dtype: np.dtype, b_transposed: bool = False) -> bool:
+    """True when the GEMM fits cublasGemmEx as used here (else the caller uses CuPy's matmul); b is [N, K] with
+    `b_transposed`, else [K, N]."""
+    if b_transposed:
+        b = b.T  # the [K, N] shape the checks below read; its contiguity is b's own
+        contiguous = b.flags.f_contiguous
+    else:
+        contiguous = b.flags.c_contiguous
+    return (a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0] and a.dtype == b.dtype and contiguous
             and a.dtype.name in _CUDA_TYPES and np.dtype(out_dtype).name in (a.dtype.name, "float32")
             and a.strides[1] == a.itemsize and a.strides[0] % a.itemsize == 0 and a.strides[0] >= a.shape[1] * a.itemsize
-            and b.flags.c_contiguous and a.shape[0] > 0 and b.shape[1] > 0 and a.shape[1] > 0)
+            and a.shape[0] > 0 and b.shape[1] > 0 and a.shape[1] > 0)

@@ -1,8 +1,9 @@
 """The Llama-family transformer (Llama 2/3, Mistral, Qwen2, Qwen3) in one readable file.
 
 The forward pass takes a flattened batch of tokens from many sequences, prefills and decodes mixed, and the
-AttentionMetadata that says where each token sits (DESIGN.md). Weights are stored transposed ([in, out]) and
-fused (q|k|v, gate|up) at load time so each layer is four GEMMs. `ops` is the op set of the device
+AttentionMetadata that says where each token sits (DESIGN.md). Linear weights stay [out, in] as in the checkpoint
+(layers/dense_linear.DenseLinear; FP8 and GGUF ones in their own wrappers) and are fused (q|k|v, gate|up) at load
+time so each layer is four GEMMs. `ops` is the op set of the device
 (layers.reference on the CPU, layers.cuda_ops on the GPU, whose GEMMs go through a cuBLAS handle of its own so
 that CUDA graphs can capture them).
 
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from cupaged.checkpoint import FiniteCheck
 from cupaged.config import ModelConfig, rope_cos_sin
 from cupaged.kv_cache import AttentionMetadata, KVCache
-from cupaged.layers import fp8_linear, gguf_ops
+from cupaged.layers import dense_linear, fp8_linear, gguf_ops
+from cupaged.layers.dense_linear import DenseLinear
 from cupaged.layers.fp8_linear import Fp8Linear, Fp8Weight, QuantizeAtLoad
 from cupaged.progress import progress
 from cupaged.quant import QuantizedLinear, QuantizedWeight
@@ -34,9 +36,11 @@ if TYPE_CHECKING:
 Array = Any
 
 
-def matmul(ops: ModuleType, x: Array, w: Array | QuantizedLinear | Fp8Linear, out_dtype: Any = None,
+def matmul(ops: ModuleType, x: Array, w: Array | DenseLinear | QuantizedLinear | Fp8Linear, out_dtype: Any = None,
            out: Array | None = None) -> Array:
-    """x @ w through the device's ops, or through gguf_ops / fp8_linear when w is a GGUF / FP8 weight."""
+    """x @ w through dense_linear, gguf_ops or fp8_linear by the weight's kind, or the device's ops ([K, N])."""
+    if isinstance(w, DenseLinear):
+        return dense_linear.matmul(x, w, out_dtype, out)
     if isinstance(w, QuantizedLinear):
         return gguf_ops.matmul(x, w, out_dtype, out)
     if isinstance(w, Fp8Linear):
@@ -82,7 +86,7 @@ def upload_quantized(name: str, w: QuantizedWeight, xp: ModuleType, check: Finit
 
 
 class Layer:
-    """One decoder layer's weights, moved to the device, then fused and transposed there for `x @ w`.
+    """One decoder layer's weights, moved to the device, then fused there ([out, in]) for `x @ w`.
 
     Each tensor is added to `check` (NaN/Inf) as it reaches the device, before fusing loses its name."""
 
@@ -93,7 +97,7 @@ class Layer:
                 check.add(prefix + name, a)
             return a
 
-        def fused_t(*names: str) -> Array | QuantizedLinear | Fp8Linear:  # [in, sum of outs], contiguous
+        def fused(*names: str) -> DenseLinear | QuantizedLinear | Fp8Linear:  # [sum of outs, in], contiguous
             raw = [t[prefix + n] for n in names]
             if any(isinstance(w, (Fp8Weight, QuantizeAtLoad)) for w in raw):  # FP8: kept [out, in], K-major
                 return Fp8Linear.fuse([(prefix + n, w) for n, w in zip(names, raw)], xp, check)
@@ -109,19 +113,19 @@ class Layer:
                 arrays.append(xp.asarray(w))
                 if check is not None:
                     check.add(prefix + n, arrays[-1])
-            return xp.ascontiguousarray(xp.concatenate(arrays).T)
+            return DenseLinear(xp.concatenate(arrays))
 
         def optional(name: str) -> Array | None:
             return get(name) if prefix + name in t else None
 
         self.input_norm = get("input_layernorm.weight")
         self.post_norm = get("post_attention_layernorm.weight")
-        self.w_qkv = fused_t("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+        self.w_qkv = fused("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
         self.b_qkv = xp.concatenate([get(f"self_attn.{n}_proj.bias") for n in "qkv"]) \
             if prefix + "self_attn.q_proj.bias" in t else None
-        self.w_o = fused_t("self_attn.o_proj.weight")
-        self.w_gate_up = fused_t("mlp.gate_proj.weight", "mlp.up_proj.weight")
-        self.w_down = fused_t("mlp.down_proj.weight")
+        self.w_o = fused("self_attn.o_proj.weight")
+        self.w_gate_up = fused("mlp.gate_proj.weight", "mlp.up_proj.weight")
+        self.w_down = fused("mlp.down_proj.weight")
         self.q_norm = optional("self_attn.q_norm.weight")  # Qwen3
         self.k_norm = optional("self_attn.k_norm.weight")
 
@@ -157,7 +161,8 @@ class LlamaModel:
         # a quantized table stays so; the rows a step needs are dequantized (and a tied head multiplies by it)
         self.embed = gguf_ops.QuantizedEmbedding(embed, self.final_norm.dtype) \
             if isinstance(embed, QuantizedLinear) else embed
-        self.lm_head = head if isinstance(head, QuantizedLinear) else xp.ascontiguousarray(head.T)
+        # [vocab, hidden] as stored: a tied head is the embedding table itself, no copy
+        self.lm_head = head if isinstance(head, QuantizedLinear) else DenseLinear(head)
         where = "uploading layers to the GPU" if xp.__name__ == "cupy" else "preparing layers"
         self.layers = []
         with progress(where, config.num_layers) as bar:
