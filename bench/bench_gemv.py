@@ -8,7 +8,9 @@ Each figure is the median GPU time of CUDA-graph replays (bench_decode_attention
 the weight (>= 256 MiB in all) that the L2 cache (50 MiB) holds none of them between calls: what a decode step
 sees, where every layer's weight is read once. The limit is the weight bytes at the copy bandwidth measured in
 the same run (bench_decode_attention.copy_bandwidth); `of limit` is that time over the measured one. cuBLAS bf16
-is timed on the model's layout before issue 20 ([K, N], NN) and on [N, K] (b_transposed, TN).
+is timed on the model's layout before issue 20 ([K, N], NN) and on [N, K] (b_transposed, TN); `fp8_cublaslt` is
+fp8_linear's path above its GEMV_MAX_ROWS (x quantized per token, cuBLASLt FP8 GEMM, scaling): with `fp8`, the
+FP8 switch point; `bf16` against `cublas_tn`, the dense one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from bench.bench_decode_attention import copy_bandwidth, graph_ms
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # (N, K) of Llama-3-8B
-FORMATS = ("bf16", "fp8", "Q4_K", "Q8_0", "cublas_nn", "cublas_tn")
+FORMATS = ("bf16", "fp8", "Q4_K", "Q8_0", "cublas_nn", "cublas_tn", "fp8_cublaslt")
 COLD_BYTES = 256 << 20
 
 
@@ -32,7 +34,7 @@ def weight_bytes(fmt: str, n: int, k: int) -> int:
 
     if fmt in ("bf16", "cublas_nn", "cublas_tn"):
         return 2 * n * k
-    if fmt == "fp8":
+    if fmt in ("fp8", "fp8_cublaslt"):
         return n * k
     f = quant.FORMATS[fmt]
     return n * (k // f.block_size) * f.type_size
@@ -50,7 +52,7 @@ def make_weight(fmt: str, n: int, k: int, seed: int):
         return (rng.standard_normal((n, k), dtype=cupy.float32) * k ** -0.5).astype(bf16), 2 * k, None
     if fmt == "cublas_nn":
         return (rng.standard_normal((k, n), dtype=cupy.float32) * k ** -0.5).astype(bf16), 2 * n, None
-    if fmt == "fp8":  # random codes without the two NaN ones
+    if fmt in ("fp8", "fp8_cublaslt"):  # random codes without the two NaN ones
         codes = rng.integers(0, 0x7E, (n, k)).astype(cupy.uint8) | (rng.integers(0, 2, (n, k)).astype(cupy.uint8) << 7)
         return codes, k, (rng.random(n) * 1e-2).astype(cupy.float32)
     f = quant.FORMATS[fmt]
@@ -72,9 +74,12 @@ def call(fmt: str, weight, n: int, k: int, x, out, rows_per_warp: int):
     import cupy
 
     from cupaged.layers import cublas, gguf_ops, weight_stream
-    from cupaged.layers.fp8_linear import GEMV_FUNCTOR
+    from cupaged.layers.fp8_linear import GEMV_FUNCTOR, Fp8Linear, matmul_cublaslt
 
     w, row_bytes, scales = weight
+    if fmt == "fp8_cublaslt":
+        linear = Fp8Linear(w, scales)
+        return lambda: matmul_cublaslt(x, linear, out)
     if fmt.startswith("cublas"):
         handle = cublas.handle()
 
@@ -84,7 +89,8 @@ def call(fmt: str, weight, n: int, k: int, x, out, rows_per_warp: int):
         return run
     functor = {"bf16": "cupaged::stream::Dense<__nv_bfloat16>", "fp8": GEMV_FUNCTOR}.get(fmt)
     functor = functor or gguf_ops.STREAM_FUNCTORS[fmt]
-    return lambda: weight_stream.gemv(functor, w, row_bytes, n, k, x, out, rows_per_warp=rows_per_warp)
+    return lambda: weight_stream.gemv(functor, w, row_bytes, n, k, x, out, row_scales=scales,
+                                      rows_per_warp=rows_per_warp)
 
 
 def measure(shape: str, fmt: str, ms: list[int], repeat: int, rows_per_warp: int, copy_gb_s: float) -> list[dict]:

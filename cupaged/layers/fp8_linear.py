@@ -43,8 +43,11 @@ LINEAR_SUFFIXES = tuple(f"{p}.weight" for p in ("self_attn.q_proj", "self_attn.k
                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 MIN_AMAX = np.float32(1e-30)  # fp8_quant.cu's FP8_MIN_AMAX: a zero row gets a finite scale
 K_MULTIPLE = 16  # cuBLASLt FP8: leading dimensions (K bytes) multiples of 16; N too, for 16-byte output rows
-# Up to this many rows of x, the W8A16 GEMV instead of quantize + cuBLASLt + scale (three launches).
-GEMV_MAX_ROWS = 16
+# Up to this many rows of x, the W8A16 GEMV instead of quantize + cuBLASLt + scale (three launches). Estimated,
+# not yet measured (bench_gemv's fp8 vs fp8_cublaslt rows say): the GEMV's FMAs run on CUDA cores (~67 fp32
+# TFLOP/s), 2 M N K of them, which pass the 1-byte weight read at 3.9 TB/s near M = 8 (gate_up at M = 8: ~28 us
+# of FMAs, ~30 us of reading); cuBLASLt's path costs ~34 us there at any small M (measured at M = 1).
+GEMV_MAX_ROWS = 8
 GEMV_FUNCTOR = "cupaged::stream::Fp8"
 
 
@@ -192,29 +195,30 @@ def _quantize_rows_gpu(x: Array) -> tuple[Array, Array]:
 def _matmul_gpu(x: Array, w: Fp8Linear, out_dtype: np.dtype, out: Array | None) -> Array:
     import cupy
 
-    from cupaged.kernels import ctype, kernel
-    from cupaged.layers import cublaslt
+    from cupaged.layers import weight_stream
 
     if out_dtype.name not in ("bfloat16", "float16"):
         raise ValueError(f"fp8 matmul on the GPU writes float16 or bfloat16, not {out_dtype.name}")
     m, n = x.shape[0], w.shape[1]
+    result = out if out is not None and out.flags.c_contiguous else cupy.empty((m, n), dtype=out_dtype)
     if 0 < m <= GEMV_MAX_ROWS and w.codes.data.ptr % 16 == 0:
-        from cupaged.layers import weight_stream
-
-        result = out if out is not None and out.strides[1] == out.itemsize else cupy.empty((m, n), dtype=out_dtype)
         weight_stream.gemv(GEMV_FUNCTOR, w.codes, w.codes.shape[1], n, w.codes.shape[1],
                            weight_stream.streamable(x), result, row_scales=w.scales)
-        if out is not None and result is not out:
-            out[...] = result
-            return out
-        return result
-    result = out if out is not None and out.flags.c_contiguous else cupy.empty((m, n), dtype=out_dtype)
-    if m:
-        xq, xs = _quantize_rows_gpu(x)
-        cublaslt.handle().matmul_fp8(xq, w.codes, result)
-        kernel("fp8_quant.cu", f"scale_fp8_output<{ctype(out_dtype)}>")(
-            (math.ceil(m * n // 8 / _THREADS),), (_THREADS,), (result, xs, w.scales, np.int32(m), np.int32(n)))
+    elif m:
+        matmul_cublaslt(x, w, result)
     if out is not None and result is not out:
         out[...] = result
         return out
     return result
+
+
+def matmul_cublaslt(x: Array, w: Fp8Linear, result: Array) -> None:
+    """result (contiguous [M, N], bf16/fp16) = x @ w with x quantized per token: quantize, cuBLASLt, scale."""
+    from cupaged.kernels import ctype, kernel
+    from cupaged.layers import cublaslt
+
+    m, n = result.shape
+    xq, xs = _quantize_rows_gpu(x)
+    cublaslt.handle().matmul_fp8(xq, w.codes, result)
+    kernel("fp8_quant.cu", f"scale_fp8_output<{ctype(result.dtype)}>")(
+        (math.ceil(m * n // 8 / _THREADS),), (_THREADS,), (result, xs, w.scales, np.int32(m), np.int32(n)))
