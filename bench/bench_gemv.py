@@ -88,7 +88,7 @@ def call(fmt: str, weight, n: int, k: int, x, out, rows_per_warp: int):
             handle.matmul(x, w, out, b_transposed=fmt == "cublas_tn")
         return run
     functor = {"bf16": "cupaged::stream::Dense<__nv_bfloat16>", "fp8": GEMV_FUNCTOR}.get(fmt)
-    functor = functor or gguf_ops.STREAM_FUNCTORS[fmt]
+    functor = functor or gguf_ops.STREAM_FUNCTORS[fmt][0]
     return lambda: weight_stream.gemv(functor, w, row_bytes, n, k, x, out, row_scales=scales,
                                       rows_per_warp=rows_per_warp)
 

@@ -28,7 +28,8 @@ from cupaged.quant import KERNEL_FORMATS, QuantizedLinear, QuantizedWeight
 Array = Any
 GEMV_MAX_ROWS = weight_stream.GEMV_MAX_ROWS
 SCRATCH_ELEMENTS = 1 << 25
-STREAM_FUNCTORS = {"Q8_0": "cupaged::stream::Q8_0", "Q4_K": "cupaged::stream::Q4_K"}  # need 16-byte aligned rows
+# formats with a streaming functor of their own: (functor, the row alignment its loads need)
+STREAM_FUNCTORS = {"Q8_0": ("cupaged::stream::Q8_0", 2), "Q4_K": ("cupaged::stream::Q4_K", 16)}
 
 
 def matmul(x: Array, w: QuantizedLinear, out_dtype: Any = None, out: Array | None = None) -> Array:
@@ -72,7 +73,6 @@ def embedding(w: QuantizedLinear, ids: Array, dtype: Any) -> Array:
 def _cuda_matmul(x: Array, w: QuantizedLinear, out: Array) -> Array:
     import cupy
 
-
     m = x.shape[0]
     if m == 0:
         return out
@@ -82,8 +82,9 @@ def _cuda_matmul(x: Array, w: QuantizedLinear, out: Array) -> Array:
         for p in w.parts:
             rows, cols = p.shape
             row_bytes = p.blocks.shape[1]
-            fast = STREAM_FUNCTORS.get(p.format) if (p.blocks.data.ptr | row_bytes) % 16 == 0 else None
-            functor = fast or f"cupaged::stream::Legacy<cupaged::gguf::{p.format}>"
+            legacy = f"cupaged::stream::Legacy<cupaged::gguf::{p.format}>"
+            functor, align = STREAM_FUNCTORS.get(p.format, (legacy, 1))
+            functor = legacy if (p.blocks.data.ptr | row_bytes) % align else functor
             weight_stream.gemv(functor, p.blocks, row_bytes, rows, cols, x, out, col)
             col += rows
         return out
