@@ -2,11 +2,11 @@
 at the measured copy bandwidth allows.
 
     python -m bench.bench_latency [--shapes qwen3-0.6b,llama-3-8b] [--tokens 256] [--quantization fp8]
-                                  [--json latency.json]
+                                  [--no-eager] [--json latency.json]
 
 Each shape is a preset of tools/make_checkpoint.py written without weights; the engine makes random bf16 weights
 on the GPU (`load_format="dummy"`). One request, a 128-token prompt, greedy, EOS ignored; the time of every step
-after the first (the prefill) is measured, with the CUDA graphs and with `enforce_eager`. Bytes per token = every
+after the first (the prefill) is measured, with the CUDA graphs and (unless --no-eager) with `enforce_eager`. Bytes per token = every
 weight the step reads (the embedding table counts only when it is also the LM head) + the K/V read; the limit
 is the device-to-device copy bandwidth (bytes read + written, the same as bench_decode_attention) over them.
 With `--quantization fp8` the linear layers are quantized to FP8 at load (1 byte a weight in the limit).
@@ -73,8 +73,9 @@ def decode_rate(path: str, tokens: int, enforce_eager: bool, quantization: str |
 @click.option("--shapes", default="qwen3-0.6b,llama-3-8b", show_default=True)
 @click.option("--tokens", default=256, show_default=True, help="Tokens generated per measurement.")
 @click.option("--quantization", type=click.Choice(["fp8"]), default=None, help="Linear layers in FP8.")
+@click.option("--eager/--no-eager", default=True, show_default=True, help="Also measure without CUDA graphs.")
 @click.option("--json", "json_path", default=None)
-def main(shapes: str, tokens: int, quantization: str | None, json_path: str | None) -> None:
+def main(shapes: str, tokens: int, quantization: str | None, eager: bool, json_path: str | None) -> None:
     from cupaged import device
 
     device.set_device("cuda")
@@ -85,15 +86,16 @@ def main(shapes: str, tokens: int, quantization: str | None, json_path: str | No
         for preset in bar:
             path = str(make_checkpoint(f"{tmp}/{preset}", preset, dtype="bfloat16", weights=False))
             graphs, config = decode_rate(path, tokens, False, quantization)
-            eager, _ = decode_rate(path, tokens, True, quantization)
+            eager_rate = decode_rate(path, tokens, True, quantization)[0] if eager else None
             context = PROMPT + tokens // 2  # the average context over the measured steps
             kv = KVCache.bytes_per_block(config, 1, np.dtype(np.uint16)) * context
             nbytes = weight_bytes(config, quantization) + kv
             limit = copy_gbs * 1e9 / nbytes
             rows.append({"shape": preset, "quantization": quantization,
                          "weight_gb": weight_bytes(config, quantization) / 1e9, "kv_gb": kv / 1e9,
-                         "limit_tok_s": limit, "graphs_tok_s": graphs, "eager_tok_s": eager,
+                         "limit_tok_s": limit, "graphs_tok_s": graphs, "eager_tok_s": eager_rate,
                          "fraction_of_limit": graphs / limit, "copy_gb_s": copy_gbs})
+            click.echo(f"{preset}: {graphs:.0f} tok/s with graphs, limit {limit:.0f}")  # shown if a later one is cut
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=2)
@@ -102,7 +104,7 @@ def main(shapes: str, tokens: int, quantization: str | None, json_path: str | No
                f"{'of limit':>8}")
     for r in rows:
         click.echo(f"{r['shape']:<12} {r['weight_gb']:>10.2f} {r['limit_tok_s']:>11.0f} {r['graphs_tok_s']:>12.0f} "
-                   f"{r['eager_tok_s']:>11.0f} {r['fraction_of_limit']:>8.2f}")
+                   f"{r['eager_tok_s'] or float('nan'):>11.0f} {r['fraction_of_limit']:>8.2f}")
 
 
 if __name__ == "__main__":
