@@ -8,7 +8,8 @@
 // fewer than the context needs), z = sequence. The host picks `partition` so that sequences x KV heads x
 // partitions fill the SMs, and passes it through device memory (a CUDA graph replays with the step's value). A sequence whose context fits one partition gets its
 // output written directly; otherwise each CTA writes an unnormalised partial output with its running max (log2
-// domain) and sum, and paged_decode_reduce combines the partitions (FlashInfer / vLLM v2 style).
+// domain) and sum, and the partitions are combined (FlashInfer / vLLM v2 style): by the tensor-core kernel's CTA
+// that finishes last (combine_if_last), by paged_decode_reduce after the CUDA-core kernel.
 //
 // paged_decode_tc (fp16, bf16; HEAD_DIM 64/128/256): tensor cores (mma.sync m16n8k16, fp32 accumulation).
 // 4 warps; warp w takes the 16-token steps w, w+4, ... of the partition (runs of SUB consecutive ones with SUB > 1),
@@ -132,12 +133,53 @@ template <int WORDS> __device__ __forceinline__ void ld_words(const void* p, uns
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
+// Split-k in one launch (the tensor-core kernel): each CTA counts its finished partition in `counter` (one per
+// sequence and CTA column, zero between launches); the one that finishes the last partition combines them all,
+//   out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s,
+// in partition order (so the result does not depend on which CTA came last), and re-arms the counter. This saves
+// the launch of paged_decode_reduce and its gap, which cost the short contexts most.
+template <typename T, int HEAD_DIM, int HEADS>
+__device__ __forceinline__ void combine_if_last(T* __restrict__ out, const float* __restrict__ part_out,
+                                                const float2* __restrict__ part_ml, int* __restrict__ counter,
+                                                long long row0, int splits, int max_splits) {
+    __shared__ bool s_last;
+    __threadfence();  // this CTA's partials are visible before its count
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == splits - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();  // and the other CTAs' before their counts: read them past L1 (__ldcg)
+    constexpr int VEC = 4;
+    for (int idx = threadIdx.x; idx < HEADS * HEAD_DIM / VEC; idx += THREADS) {
+        const int h = idx / (HEAD_DIM / VEC), d = (idx % (HEAD_DIM / VEC)) * VEC;
+        const long long prow = (row0 + h) * max_splits;
+        float m = neg_inf(), l = 0.f;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) {  // online: the loads do not wait for the running max
+            const float2 ml = __ldcg(part_ml + prow + s);
+            const float4 x = __ldcg(reinterpret_cast<const float4*>(part_out + (prow + s) * HEAD_DIM + d));
+            const float m_new = fmaxf(m, ml.x);  // finite: every partition holds a token
+            const float a = fast_exp2(m - m_new), w = fast_exp2(ml.x - m_new);
+            l = l * a + w * ml.y;
+            o.x = o.x * a + w * x.x; o.y = o.y * a + w * x.y; o.z = o.z * a + w * x.z; o.w = o.w * a + w * x.w;
+            m = m_new;
+        }
+        const float inv = 1.f / l;
+        T* dst = out + (row0 + h) * HEAD_DIM + d;
+        dst[0] = from_float<T>(o.x * inv); dst[1] = from_float<T>(o.y * inv);
+        dst[2] = from_float<T>(o.z * inv); dst[3] = from_float<T>(o.w * inv);
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Tensor-core decode kernel. block_size = 1 << bs_log2. Dynamic shared memory: (partition >> bs_log2) + 2 ints.
 // C: the cache's element type (T, or e4m3 with per-row scale exponents k_scale / v_scale [blocks, Hkv, bs]).
 template <typename T, typename C, int HEAD_DIM, int HEADS>
 __device__ __forceinline__ void
 decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
-                const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
+                int* __restrict__ counters, const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
                 const C* __restrict__ v_cache, const unsigned char* __restrict__ k_scale,
                 const unsigned char* __restrict__ v_scale, const int* __restrict__ block_tables, int max_blocks,
                 int seq_len, int num_kv_heads, int group, int head_chunks, int bs_log2,
@@ -215,7 +257,9 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                     for (int i = 0; i < KL; ++i) ld_words<4>(p + (4 * i + q4) * KW, kr[u][nt][i]);
                 } else {
 #pragma unroll
-                    for (int i = 0; i < KL; ++i) kr[u][nt][i][0] = kr[u][nt][i][1] = kr[u][nt][i][2] = kr[u][nt][i][3] = 0u;
+                    for (int i = 0; i < KL; ++i)
+#pragma unroll
+                        for (int w = 0; w < 4; ++w) kr[u][nt][i][w] = 0u;
                 }
             }
         auto load_v = [&]() {
@@ -236,29 +280,30 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                     }
                 }
         };
-        // FP8: the scales of this lane's score columns, tokens base + 16 u + 8 nt + 2 q4 + {0, 1} (one block: bs >= 2)
-        float ks[SUB][2][2], vs[SUB][2][2];
+        // FP8: the scale exponents of this lane's score columns, tokens base + 16 u + 8 nt + 2 q4 + {0, 1} (one
+        // block: bs >= 2), K's in the low 16 bits and V's in the high; turned into floats where used (registers)
+        unsigned kv_exp[SUB][2];
         if constexpr (Types::FP8) {
 #pragma unroll
             for (int u = 0; u < SUB; ++u)
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt) {
                     const int t = base + STEP * u + nt * 8 + 2 * q4;
-                    unsigned kb = 0, vb = 0;
+                    kv_exp[u][nt] = 0u;
                     if (t < end) {
-                        const long long at = s_table[(t >> bs_log2) - first_block] * ((long long)num_kv_heads << bs_log2)
-                                             + ((long long)kvh << bs_log2) + (t & (bs - 1));
-                        kb = *reinterpret_cast<const unsigned short*>(k_scale + at);
-                        vb = *reinterpret_cast<const unsigned short*>(v_scale + at);
-                    }
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {  // a token past the end gets 0 (its byte may be any stale value)
-                        const bool in = t + e < end;
-                        ks[u][nt][e] = in ? exponent_scale((kb >> (8 * e)) & 0xffu) : 0.f;
-                        vs[u][nt][e] = in ? exponent_scale(((vb >> (8 * e)) & 0xffu) + 112u) : 0.f;  // see DecodeTypes
+                        const long long at =
+                            s_table[(t >> bs_log2) - first_block] * ((long long)num_kv_heads << bs_log2)
+                            + ((long long)kvh << bs_log2) + (t & (bs - 1));
+                        kv_exp[u][nt] = *reinterpret_cast<const unsigned short*>(k_scale + at)
+                                        | (unsigned)*reinterpret_cast<const unsigned short*>(v_scale + at) << 16;
                     }
                 }
         }
+        // the scale of token e of a column pair; 0 past the end (its byte may be any stale value)
+        auto kv_scale = [&](int u, int nt, int e, int shift, unsigned bias) {
+            const bool in = base + STEP * u + nt * 8 + 2 * q4 + e < end;
+            return in ? exponent_scale(((kv_exp[u][nt] >> (shift + 8 * e)) & 0xffu) + bias) : 0.f;
+        };
         if constexpr (V_EARLY) load_v();  // all of the step's loads in flight at once
         // ---- S = Q K^T: two n-tiles of 8 tokens per sub-step ----
         float s[SUB][2][4];
@@ -286,7 +331,7 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                 for (int e = 0; e < 2; ++e) {
                     const int t = base + STEP * u + nt * 8 + 2 * q4 + e;
                     float sc = scale_log2;
-                    if constexpr (Types::FP8) sc *= ks[u][nt][e];
+                    if constexpr (Types::FP8) sc *= kv_scale(u, nt, e, 0, 0u);
                     s[u][nt][e] = t < end ? s[u][nt][e] * sc : neg_inf();
                     mx = fmaxf(mx, s[u][nt][e]);
                 }
@@ -315,8 +360,8 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) {
                 if constexpr (Types::FP8) {  // P V with each token's V scale (l_run above keeps the plain p)
-                    p[u][nt][0] *= vs[u][nt][0];
-                    p[u][nt][1] *= vs[u][nt][1];
+                    p[u][nt][0] *= kv_scale(u, nt, 0, 16, 112u);  // V is 2^-120 x, see DecodeTypes
+                    p[u][nt][1] *= kv_scale(u, nt, 1, 16, 112u);
                 }
                 pb[u][nt] = Mma<PV>::pack(p[u][nt][0], p[u][nt][1]);
             }
@@ -373,6 +418,10 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
             if (d == 0) part_ml[prow] = make_float2(m, l);
         }
     }
+    if (!single)
+        combine_if_last<T, HEAD_DIM, HEADS>(out, part_out, part_ml, counters + b * gridDim.x + blockIdx.x,
+                                            (long long)b * num_heads + head0, (seq_len + partition - 1) / partition,
+                                            max_splits);
 }
 
 // Both kernels: CTA (x, y, z) takes partitions y, y + gridDim.y, ... of sequence z. The partition size comes from
@@ -396,15 +445,16 @@ constexpr int decode_tc_min_ctas =
 template <typename T, typename C, int HEAD_DIM, int HEADS>
 __global__ void __launch_bounds__(THREADS, (decode_tc_min_ctas<T, C, HEAD_DIM>))
 paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
-                const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
+                int* __restrict__ counters, const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
                 const C* __restrict__ v_cache, const unsigned char* __restrict__ k_scale,
                 const unsigned char* __restrict__ v_scale, const int* __restrict__ block_tables, int max_blocks,
                 const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int bs_log2,
                 const int* __restrict__ partition_ptr, int max_splits, float scale_log2) {
     for_each_partition(partition_ptr, seq_lens, [&](int split, int partition, int seq_len) {
-        decode_tc_split<T, C, HEAD_DIM, HEADS>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, k_scale,
-                                               v_scale, block_tables, max_blocks, seq_len, num_kv_heads, group,
-                                               head_chunks, bs_log2, partition, max_splits, scale_log2, split);
+        decode_tc_split<T, C, HEAD_DIM, HEADS>(out, part_out, part_ml, counters, q, q_stride, k_cache, v_cache,
+                                               k_scale, v_scale, block_tables, max_blocks, seq_len, num_kv_heads,
+                                               group, head_chunks, bs_log2, partition, max_splits, scale_log2,
+                                               split);
     });
 }
 
@@ -620,7 +670,7 @@ paged_decode_reduce(T* __restrict__ out, const float* __restrict__ part_out, con
 }
 
 #ifdef CUPAGED_NVCC_CHECK
-#define TCC(T, C, D, H) template __global__ void paged_decode_tc<T, C, D, H>(T*, float*, float2*, const T*, long long, const C*, const C*, const unsigned char*, const unsigned char*, const int*, int, const int*, int, int, int, int, const int*, int, float);
+#define TCC(T, C, D, H) template __global__ void paged_decode_tc<T, C, D, H>(T*, float*, float2*, int*, const T*, long long, const C*, const C*, const unsigned char*, const unsigned char*, const int*, int, const int*, int, int, int, int, const int*, int, float);
 #define TC(T, D, H) TCC(T, T, D, H) TCC(T, e4m3, D, H)
 #define SIMT(T, D, H) template __global__ void paged_decode_simt<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, const int*, int, float);
 #define RED(T, D) template __global__ void paged_decode_reduce<T, D>(T*, const float*, const float2*, const int*, const int*, int);

@@ -222,7 +222,8 @@ def test_paged_decode_attention(ops, dtype, heads, kv_heads, head_dim, block_siz
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("partition", [64, 128, 1024])
 def test_decode_partitions_and_reduce(ops, dtype, head_dim, partition) -> None:
-    """Every partition size through the split-k path: the partials and the reduce kernel."""
+    """Every partition size through the split-k path: the partials, combined by the tensor-core kernel's last CTA
+    of each sequence (or by the reduce kernel after the CUDA-core one)."""
     import cupy
 
     if dtype == "float32" and head_dim == 256:
@@ -237,15 +238,41 @@ def test_decode_partitions_and_reduce(ops, dtype, head_dim, partition) -> None:
     want = reference_ops().paged_attention(q, k_cache[0], v_cache[0], meta, 0.3)
     if dtype == "float32":
         partition = min(partition, 1024)  # CUDA-core kernel: scores of 4 heads x partition in shared memory
-    out = cupy.empty_like(q)
+    out = cupy.full(q.shape, np.nan, dtype=q.dtype)
     ops.paged_decode_attention(out, q, k_cache[0], v_cache[0], meta.block_tables, meta.seq_lens,
                                max(seq_lens), 0.3, partition=partition)
     close(out, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_decode_split_counters_are_rearmed(ops, dtype) -> None:
+    """The tensor-core kernel's split counters are back at zero after each launch: a second call over other
+    sequences (looping CTAs too) combines right, and a repeat of the first is bit-identical."""
+    import cupy
+
+    from cupaged.layers import cuda_ops
+
+    seed = np.random.SeedSequence().entropy  # fresh inputs, the same for the first and the third call
+    outs = []
+    for seq_lens, grid_splits in (([700, 64, 2000], None), ([1500, 129, 900, 3], 2), ([700, 64, 2000], None)):
+        num_blocks = sum(-(-s // 16) for s in seq_lens) + 2
+        rng = np.random.default_rng(seed if len(outs) != 1 else None)
+        k_cache, v_cache = make_cache(dtype, 1, num_blocks, 2, 16, 128, rng)
+        meta = random_batch(rng, [1] * len(seq_lens), seq_lens, 16, num_blocks, k_cache[0], v_cache[0])
+        q = rand((len(seq_lens), 8, 128), dtype, rng, scale=2.0)
+        want = reference_ops().paged_attention(q, k_cache[0], v_cache[0], meta, 0.2)
+        out = cupy.full(q.shape, np.nan, dtype=q.dtype)
+        ops.paged_decode_attention(out, q, k_cache[0], v_cache[0], meta.block_tables, meta.seq_lens,
+                                   max(seq_lens), 0.2, partition=128, grid_splits=grid_splits)
+        close(out, want, dtype)
+        outs.append(out)
+        assert not cuda_ops._zeroed_ints(1).any()
+    assert cupy.array_equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_long_context_small_batch_splits(ops, dtype) -> None:
-    """One sequence of 32k tokens: many partitions per sequence, combined by the reduce kernel."""
+    """One sequence of 32k tokens: many partitions per sequence, combined at the end."""
     rng = np.random.default_rng()
     seq_lens = [32768, 777]
     num_blocks = sum(-(-s // 16) for s in seq_lens)
