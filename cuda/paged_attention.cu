@@ -8,11 +8,10 @@
 // fewer than the context needs), z = sequence. The host picks `partition` so that sequences x KV heads x
 // partitions fill the SMs, and passes it through device memory (a CUDA graph replays with the step's value). A sequence whose context fits one partition gets its
 // output written directly; otherwise each CTA writes an unnormalised partial output with its running max (log2
-// domain) and sum, and the partitions are combined (FlashInfer / vLLM v2 style): by the tensor-core kernel's CTA
-// that finishes last (combine_if_last), by paged_decode_reduce after the CUDA-core kernel.
+// domain) and sum, and paged_decode_reduce combines the partitions (FlashInfer / vLLM v2 style).
 //
 // paged_decode_tc (fp16, bf16; HEAD_DIM 64/128/256): tensor cores (mma.sync m16n8k16, fp32 accumulation).
-// 4 warps; warp w takes the 16-token steps w, w+4, ... of the partition (runs of SUB consecutive ones with SUB > 1),
+// 4 warps; warp w takes the 16-token steps w, w+4, ... of the partition (SUB of them at a time, see DecodeTypes),
 // with its own online softmax, and the 4 warps are merged through shared memory at the end (no barrier in the main
 // loop). Per step a lane issues all its 16-byte loads (2 K rows, 4 V rows) before any math:
 //   S[h][t] = Q K^T    A = Q (rows = the HEADS query heads, padded to 16 with zeros), B = K^T straight from the
@@ -35,32 +34,35 @@ namespace {
 
 constexpr int THREADS = 128, WARPS = THREADS / 32, STEP = 16;
 
-// 16 bytes from global memory that this kernel reads once: no L1 allocation. The L2 fetches whole 256-byte
-// lines from DRAM on a miss: the rest of the line is the rest of this row (or the next rows of the block), which
-// the warp's next loads ask for at once; fewer, larger DRAM requests.
+// 16 bytes from global memory that this kernel reads once: no L1 allocation.
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+// The same with the hint that the L2 fetch the whole 256-byte line from DRAM on a miss (the rest of the line is the
+// rest of this row or the next rows of the block, which the warp asks for at once: fewer, larger DRAM requests).
+// FP8 cache only: it came with the FP8 rework, which was measured with it; on the 16-bit cache it went with a
+// 5-9% loss (H200, with the single-launch combine also there), so that path keeps the plain load.
+__device__ __forceinline__ uint4 ld_stream_l2line(const void* p) {
     uint4 r;
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
 
-__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+__device__ __forceinline__ uint2 ld_stream8_l2line(const void* p) {
     uint2 r;
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
     return r;
 }
 
-// Warp steps of 16 tokens taken per loop iteration from a 16-bit cache: all of their loads are issued before any
-// math, and one online-softmax update covers them. 2 doubles the bytes in flight per warp but needs ~200
-// registers (2 CTAs per SM instead of 3): the probe script A/Bs it by redefining this in a copy of the sources.
-#ifndef DECODE_STEPS16
-#define DECODE_STEPS16 1
-#endif
-
 // The tensor-core kernel's element types and fragment builders. The cache holds C: T itself (Q K^T and P V in T),
 // or e4m3 codes. A lane loads KW consecutive elements of a K row (16 bytes) and VW of a V row per access.
-//   16-bit: the loaded words are the mma registers; a V m-tile takes one word of each of its 4 tokens.
+//   16-bit: the loaded words are the mma registers; a V m-tile takes one word of each of its 4 tokens. 16 tokens
+//   a warp step (SUB = 1: 2 steps at once needed ~200 registers, 2 CTAs an SM, and measured no faster).
 //   e4m3: Q K^T runs in fp16 (every e4m3 value is an exact half: 1 cvt per pair; Q is rounded to fp16 once,
 //   exact for |q| in [6e-5, 65504]); P V in bf16 straight from the codes' bits: sign and the 7 other bits moved
 //   into a bf16 (2 shifts / masks per pair, no cvt), which is the code's value times 2^-120 exactly (e4m3
@@ -72,7 +74,7 @@ template <typename T, typename C, int HEAD_DIM> struct DecodeTypes {
     using QK = T;
     using PV = T;
     static constexpr bool FP8 = false;
-    static constexpr int KW = 8, VW = 8, SUB = DECODE_STEPS16;
+    static constexpr int KW = 8, VW = 8, SUB = 1;
     static constexpr float OUT_SCALE = 1.f;
     // the two B registers of k-step ks from one 16-byte K load (4 words)
     static __device__ __forceinline__ void k_step(const unsigned* w, int ks, unsigned& b0, unsigned& b1) {
@@ -118,14 +120,14 @@ template <typename T, int HEAD_DIM> struct DecodeTypes<T, e4m3, HEAD_DIM> {
     }
 };
 
-// 4 (16 bytes) or 2 (8 bytes) words of a row that this kernel reads once
-template <int WORDS> __device__ __forceinline__ void ld_words(const void* p, unsigned* w) {
+// 4 (16 bytes) or 2 (8 bytes, FP8 only) words of a row that this kernel reads once; FP8: whole L2 lines
+template <int WORDS, bool FP8> __device__ __forceinline__ void ld_words(const void* p, unsigned* w) {
     if constexpr (WORDS == 4) {
-        const uint4 v = ld_stream(p);
+        const uint4 v = FP8 ? ld_stream_l2line(p) : ld_stream(p);
         w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
     } else {
-        static_assert(WORDS == 2, "8- or 16-byte accesses");
-        const uint2 v = ld_stream8(p);
+        static_assert(WORDS == 2 && FP8, "8-byte accesses: FP8 only");
+        const uint2 v = ld_stream8_l2line(p);
         w[0] = v.x; w[1] = v.y;
     }
 }
@@ -133,53 +135,12 @@ template <int WORDS> __device__ __forceinline__ void ld_words(const void* p, uns
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
-// Split-k in one launch (the tensor-core kernel): each CTA counts its finished partition in `counter` (one per
-// sequence and CTA column, zero between launches); the one that finishes the last partition combines them all,
-//   out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s,
-// in partition order (so the result does not depend on which CTA came last), and re-arms the counter. This saves
-// the launch of paged_decode_reduce and its gap, which cost the short contexts most.
-template <typename T, int HEAD_DIM, int HEADS>
-__device__ __forceinline__ void combine_if_last(T* __restrict__ out, const float* __restrict__ part_out,
-                                                const float2* __restrict__ part_ml, int* __restrict__ counter,
-                                                long long row0, int splits, int max_splits) {
-    __shared__ bool s_last;
-    __threadfence();  // this CTA's partials are visible before its count
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == splits - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();  // and the other CTAs' before their counts: read them past L1 (__ldcg)
-    constexpr int VEC = 4;
-    for (int idx = threadIdx.x; idx < HEADS * HEAD_DIM / VEC; idx += THREADS) {
-        const int h = idx / (HEAD_DIM / VEC), d = (idx % (HEAD_DIM / VEC)) * VEC;
-        const long long prow = (row0 + h) * max_splits;
-        float m = neg_inf(), l = 0.f;
-        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s) {  // online: the loads do not wait for the running max
-            const float2 ml = __ldcg(part_ml + prow + s);
-            const float4 x = __ldcg(reinterpret_cast<const float4*>(part_out + (prow + s) * HEAD_DIM + d));
-            const float m_new = fmaxf(m, ml.x);  // finite: every partition holds a token
-            const float a = fast_exp2(m - m_new), w = fast_exp2(ml.x - m_new);
-            l = l * a + w * ml.y;
-            o.x = o.x * a + w * x.x; o.y = o.y * a + w * x.y; o.z = o.z * a + w * x.z; o.w = o.w * a + w * x.w;
-            m = m_new;
-        }
-        const float inv = 1.f / l;
-        T* dst = out + (row0 + h) * HEAD_DIM + d;
-        dst[0] = from_float<T>(o.x * inv); dst[1] = from_float<T>(o.y * inv);
-        dst[2] = from_float<T>(o.z * inv); dst[3] = from_float<T>(o.w * inv);
-    }
-    if (threadIdx.x == 0) *counter = 0;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Tensor-core decode kernel. block_size = 1 << bs_log2. Dynamic shared memory: (partition >> bs_log2) + 2 ints.
 // C: the cache's element type (T, or e4m3 with per-row scale exponents k_scale / v_scale [blocks, Hkv, bs]).
 template <typename T, typename C, int HEAD_DIM, int HEADS>
 __device__ __forceinline__ void
 decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
-                int* __restrict__ counters, const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
+                const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
                 const C* __restrict__ v_cache, const unsigned char* __restrict__ k_scale,
                 const unsigned char* __restrict__ v_scale, const int* __restrict__ block_tables, int max_blocks,
                 int seq_len, int num_kv_heads, int group, int head_chunks, int bs_log2,
@@ -254,7 +215,7 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                 if (t < end) {
                     const C* p = row(k_cache, t);
 #pragma unroll
-                    for (int i = 0; i < KL; ++i) ld_words<4>(p + (4 * i + q4) * KW, kr[u][nt][i]);
+                    for (int i = 0; i < KL; ++i) ld_words<4, Types::FP8>(p + (4 * i + q4) * KW, kr[u][nt][i]);
                 } else {
 #pragma unroll
                     for (int i = 0; i < KL; ++i)
@@ -271,7 +232,7 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                     if (t < end) {  // a token past the end is never read: stale cache slots may hold NaN
                         const C* p = row(v_cache, t);
 #pragma unroll
-                        for (int c = 0; c < VC; ++c) ld_words<VWORDS>(p + (8 * c + g) * VW, vr[u][r][c]);
+                        for (int c = 0; c < VC; ++c) ld_words<VWORDS, Types::FP8>(p + (8 * c + g) * VW, vr[u][r][c]);
                     } else {
 #pragma unroll
                         for (int c = 0; c < VC; ++c)
@@ -280,30 +241,29 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                     }
                 }
         };
-        // FP8: the scale exponents of this lane's score columns, tokens base + 16 u + 8 nt + 2 q4 + {0, 1} (one
-        // block: bs >= 2), K's in the low 16 bits and V's in the high; turned into floats where used (registers)
-        unsigned kv_exp[SUB][2];
+        // FP8: the scales of this lane's score columns, tokens base + 16 u + 8 nt + 2 q4 + {0, 1} (one block: bs >= 2)
+        float ks[SUB][2][2], vs[SUB][2][2];
         if constexpr (Types::FP8) {
 #pragma unroll
             for (int u = 0; u < SUB; ++u)
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt) {
                     const int t = base + STEP * u + nt * 8 + 2 * q4;
-                    kv_exp[u][nt] = 0u;
+                    unsigned kb = 0, vb = 0;
                     if (t < end) {
-                        const long long at =
-                            s_table[(t >> bs_log2) - first_block] * ((long long)num_kv_heads << bs_log2)
-                            + ((long long)kvh << bs_log2) + (t & (bs - 1));
-                        kv_exp[u][nt] = *reinterpret_cast<const unsigned short*>(k_scale + at)
-                                        | (unsigned)*reinterpret_cast<const unsigned short*>(v_scale + at) << 16;
+                        const long long at = s_table[(t >> bs_log2) - first_block] * ((long long)num_kv_heads << bs_log2)
+                                             + ((long long)kvh << bs_log2) + (t & (bs - 1));
+                        kb = *reinterpret_cast<const unsigned short*>(k_scale + at);
+                        vb = *reinterpret_cast<const unsigned short*>(v_scale + at);
+                    }
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {  // a token past the end gets 0 (its byte may be any stale value)
+                        const bool in = t + e < end;
+                        ks[u][nt][e] = in ? exponent_scale((kb >> (8 * e)) & 0xffu) : 0.f;
+                        vs[u][nt][e] = in ? exponent_scale(((vb >> (8 * e)) & 0xffu) + 112u) : 0.f;  // see DecodeTypes
                     }
                 }
         }
-        // the scale of token e of a column pair; 0 past the end (its byte may be any stale value)
-        auto kv_scale = [&](int u, int nt, int e, int shift, unsigned bias) {
-            const bool in = base + STEP * u + nt * 8 + 2 * q4 + e < end;
-            return in ? exponent_scale(((kv_exp[u][nt] >> (shift + 8 * e)) & 0xffu) + bias) : 0.f;
-        };
         if constexpr (V_EARLY) load_v();  // all of the step's loads in flight at once
         // ---- S = Q K^T: two n-tiles of 8 tokens per sub-step ----
         float s[SUB][2][4];
@@ -331,7 +291,7 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                 for (int e = 0; e < 2; ++e) {
                     const int t = base + STEP * u + nt * 8 + 2 * q4 + e;
                     float sc = scale_log2;
-                    if constexpr (Types::FP8) sc *= kv_scale(u, nt, e, 0, 0u);
+                    if constexpr (Types::FP8) sc *= ks[u][nt][e];
                     s[u][nt][e] = t < end ? s[u][nt][e] * sc : neg_inf();
                     mx = fmaxf(mx, s[u][nt][e]);
                 }
@@ -340,17 +300,16 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
         const float m_new = fmaxf(m_run, mx);  // finite: every step holds at least one token
         const float alpha = fast_exp2(m_run - m_new);
         m_run = m_new;
-        float p[SUB][2][2], psum = 0.f;
+        float p[SUB][2][2];
+        l_run *= alpha;
 #pragma unroll
         for (int u = 0; u < SUB; ++u)
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    p[u][nt][e] = fast_exp2(s[u][nt][e] - m_new);
-                    psum += p[u][nt][e];
-                }
-        l_run = l_run * alpha + psum;
+            for (int nt = 0; nt < 2; ++nt) {
+                p[u][nt][0] = fast_exp2(s[u][nt][0] - m_new);
+                p[u][nt][1] = fast_exp2(s[u][nt][1] - m_new);
+                l_run += p[u][nt][0] + p[u][nt][1];
+            }
         // the accumulator holds heads 2 q4 and 2 q4 + 1: their rescaling factors live in lanes 8 q4 and 8 q4 + 4
         const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * q4);
         const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * q4 + 4);
@@ -360,8 +319,8 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) {
                 if constexpr (Types::FP8) {  // P V with each token's V scale (l_run above keeps the plain p)
-                    p[u][nt][0] *= kv_scale(u, nt, 0, 16, 112u);  // V is 2^-120 x, see DecodeTypes
-                    p[u][nt][1] *= kv_scale(u, nt, 1, 16, 112u);
+                    p[u][nt][0] *= vs[u][nt][0];
+                    p[u][nt][1] *= vs[u][nt][1];
                 }
                 pb[u][nt] = Mma<PV>::pack(p[u][nt][0], p[u][nt][1]);
             }
@@ -418,10 +377,6 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
             if (d == 0) part_ml[prow] = make_float2(m, l);
         }
     }
-    if (!single)
-        combine_if_last<T, HEAD_DIM, HEADS>(out, part_out, part_ml, counters + b * gridDim.x + blockIdx.x,
-                                            (long long)b * num_heads + head0, (seq_len + partition - 1) / partition,
-                                            max_splits);
 }
 
 // Both kernels: CTA (x, y, z) takes partitions y, y + gridDim.y, ... of sequence z. The partition size comes from
@@ -437,24 +392,18 @@ __device__ __forceinline__ void for_each_partition(const int* __restrict__ parti
     }
 }
 
-// 3 CTAs an SM (<= 168 registers) when a step's K and V loads fit beside the accumulators, else 2
-template <typename T, typename C, int HEAD_DIM>
-constexpr int decode_tc_min_ctas =
-    HEAD_DIM <= 128 && HEAD_DIM * (int)sizeof(C) * DecodeTypes<T, C, HEAD_DIM>::SUB <= 256 ? 3 : 2;
-
 template <typename T, typename C, int HEAD_DIM, int HEADS>
-__global__ void __launch_bounds__(THREADS, (decode_tc_min_ctas<T, C, HEAD_DIM>))
+__global__ void __launch_bounds__(THREADS, HEAD_DIM <= 128 ? 3 : 2)
 paged_decode_tc(T* __restrict__ out, float* __restrict__ part_out, float2* __restrict__ part_ml,
-                int* __restrict__ counters, const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
+                const T* __restrict__ q, long long q_stride, const C* __restrict__ k_cache,
                 const C* __restrict__ v_cache, const unsigned char* __restrict__ k_scale,
                 const unsigned char* __restrict__ v_scale, const int* __restrict__ block_tables, int max_blocks,
                 const int* __restrict__ seq_lens, int num_kv_heads, int group, int head_chunks, int bs_log2,
                 const int* __restrict__ partition_ptr, int max_splits, float scale_log2) {
     for_each_partition(partition_ptr, seq_lens, [&](int split, int partition, int seq_len) {
-        decode_tc_split<T, C, HEAD_DIM, HEADS>(out, part_out, part_ml, counters, q, q_stride, k_cache, v_cache,
-                                               k_scale, v_scale, block_tables, max_blocks, seq_len, num_kv_heads,
-                                               group, head_chunks, bs_log2, partition, max_splits, scale_log2,
-                                               split);
+        decode_tc_split<T, C, HEAD_DIM, HEADS>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, k_scale,
+                                               v_scale, block_tables, max_blocks, seq_len, num_kv_heads, group,
+                                               head_chunks, bs_log2, partition, max_splits, scale_log2, split);
     });
 }
 
@@ -670,7 +619,7 @@ paged_decode_reduce(T* __restrict__ out, const float* __restrict__ part_out, con
 }
 
 #ifdef CUPAGED_NVCC_CHECK
-#define TCC(T, C, D, H) template __global__ void paged_decode_tc<T, C, D, H>(T*, float*, float2*, int*, const T*, long long, const C*, const C*, const unsigned char*, const unsigned char*, const int*, int, const int*, int, int, int, int, const int*, int, float);
+#define TCC(T, C, D, H) template __global__ void paged_decode_tc<T, C, D, H>(T*, float*, float2*, const T*, long long, const C*, const C*, const unsigned char*, const unsigned char*, const int*, int, const int*, int, int, int, int, const int*, int, float);
 #define TC(T, D, H) TCC(T, T, D, H) TCC(T, e4m3, D, H)
 #define SIMT(T, D, H) template __global__ void paged_decode_simt<T, D, H>(T*, float*, float2*, const T*, long long, const T*, const T*, const int*, int, const int*, int, int, int, int, const int*, int, float);
 #define RED(T, D) template __global__ void paged_decode_reduce<T, D>(T*, const float*, const float2*, const int*, const int*, int);

@@ -442,20 +442,6 @@ def _device_int(value: int, shared: bool = True) -> Array:
 
 
 _device_ints: dict[int, Array] = {}
-_counters: dict[int, Array] = {}
-
-
-def _zeroed_ints(n: int, shared: bool = True) -> Array:
-    """A device int32 buffer of at least n zeros (the decode kernel's split counters, which it leaves at zero): one
-    kept per device and grown when shared, else a buffer of its own (a CUDA graph's)."""
-    dev = cupy.cuda.Device().id
-    buf = _counters.get(dev) if shared else None
-    if buf is None or buf.size < n:
-        buf = lasting_empty(max(n, 1024 if shared else 1), np.int32)
-        buf.set(np.zeros(buf.size, dtype=np.int32))
-        if shared:
-            _counters[dev] = buf
-    return buf
 
 
 @dataclass
@@ -482,7 +468,6 @@ class DecodePlan:
     partition_buf: Array   # int32 [1] on the device holding it
     part_out: Array        # float32 partial outputs [rows * max_splits * head_dim]
     part_ml: Array         # float32 partial (max, sum) pairs [rows * max_splits * 2]
-    counters: Array        # int32 [work], zero between launches: the tensor-core kernel's finished partitions
 
 
 def _choose_partition(plan: DecodePlan, max_seq_len: int) -> int:
@@ -519,7 +504,7 @@ def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, bl
                    else f"paged_decode_simt<{t}, {head_dim}, {heads}>")
     plan = DecodePlan(kernel_name, f"paged_decode_reduce<{t}, {head_dim}>", tc, heads, chunks,
                       batch * num_kv_heads * chunks, block_size.bit_length() - 1 if tc else block_size, 0, 0, 0, 0,
-                      None, None, None, None)
+                      None, None, None)
     partition = partition or _choose_partition(plan, max_seq_len)
     _require(partition % 64 == 0, f"paged_decode_attention: partition {partition} is not a multiple of 64")
     _require(tc or heads * partition <= 8192, "paged_decode_attention: partition too large for the CUDA-core kernel")
@@ -545,7 +530,6 @@ def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, bl
         plan.partition_buf = _device_int(partition, shared=False)
         plan.part_out = cupy.empty(rows * plan.max_splits * head_dim, dtype=cupy.float32)
         plan.part_ml = cupy.empty(rows * plan.max_splits * 2, dtype=cupy.float32)
-    plan.counters = _zeroed_ints(plan.work, shared=capacity_len is None)
     plan.partition = partition
     plan.smem = _tc_smem(biggest, block_size) if tc else 4 * max(heads * biggest, 4 * heads * head_dim)
     return plan
@@ -577,16 +561,14 @@ def run_decode(out: Array, q: Array, k_cache: Array, v_cache: Array, block_table
     tables = block_tables if _name(block_tables) == "int32" else block_tables.astype(cupy.int32)
     lens = seq_lens if _name(seq_lens) == "int32" else seq_lens.astype(cupy.int32)
     scale_args = (k_cache, v_cache) if kv_scales is None else tuple(kv_scales)  # not read without FP8
-    # the tensor-core kernel combines the partitions itself (its split counters); the CUDA-core one needs the reduce
-    head = (out, plan.part_out, plan.part_ml) + ((plan.counters,) if plan.tensor_cores else ())
     args = (k_cache, v_cache) + (scale_args if plan.tensor_cores else ())
     kernel("paged_attention.cu", plan.kernel)(
         (num_kv_heads * plan.chunks, plan.grid_splits, batch), (THREADS,),
-        head + (q, np.int64(q_stride)) + args + (tables,
+        (out, plan.part_out, plan.part_ml, q, np.int64(q_stride)) + args + (tables,
          np.int32(tables.shape[1]), lens, np.int32(num_kv_heads), np.int32(num_heads // num_kv_heads),
          np.int32(plan.chunks), np.int32(plan.block_arg), plan.partition_buf, np.int32(plan.max_splits),
          np.float32(scale * LOG2E)), shared_mem=plan.smem)
-    if plan.max_splits > 1 and not plan.tensor_cores:
+    if plan.max_splits > 1:
         kernel("paged_attention.cu", plan.reduce)(
             (num_heads, batch), (THREADS,),
             (out, plan.part_out, plan.part_ml, lens, plan.partition_buf, np.int32(plan.max_splits)))
