@@ -245,6 +245,11 @@ def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, s
     cells = [(b, c) for b in map(int, batches.split(",")) for c in map(int, contexts.split(","))
              if kv_gb(b, c) <= max_gb]
     rows = []
+    result = {"device": props["name"].decode(), "sms": props["multiProcessorCount"], **copy,
+              "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "dtype": "bfloat16",
+              "kv_cache_dtype": kv_cache_dtype,
+              "timing": "GPU ms per call from CUDA events around a CUDA graph of calls; median of "
+                        f"{repeat} graph launches", "rows": rows}
     rng = np.random.default_rng(0)
     with click.progressbar(cells, label="decode attention", file=sys.stderr) as bar:
         for batch, ctx in bar:
@@ -316,16 +321,11 @@ def main(batches: str, contexts: str, max_gb: float, repeat: int, peers: bool, s
                     row[f"torch_{name_}_fraction"] = nbytes / t / 1e6 / copy_gbs if t else None
                 del peer_sets
             rows.append(row)
+            if json_path:  # after every cell: a run cut short by a time limit keeps the cells it measured
+                with open(json_path, "w") as f:
+                    json.dump(result, f, indent=2)
             sets.clear()
             cupy.get_default_memory_pool().free_all_blocks()
-    result = {"device": props["name"].decode(), "sms": props["multiProcessorCount"], **copy,
-              "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "dtype": "bfloat16",
-              "kv_cache_dtype": kv_cache_dtype,
-              "timing": "GPU ms per call from CUDA events around a CUDA graph of calls; median of "
-                        f"{repeat} graph launches", "rows": rows}
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
     click.echo(f"{result['device']}: device-to-device copy {copy_gbs:.0f} GB/s (read + write; elementwise "
                f"{copy['copy_kernel_gb_s']:.0f}, cudaMemcpy {copy['copy_memcpy_gb_s']:.0f})")
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731

@@ -11,9 +11,9 @@
 // domain) and sum, and paged_decode_reduce combines the partitions (FlashInfer / vLLM v2 style).
 //
 // paged_decode_tc (fp16, bf16; HEAD_DIM 64/128/256): tensor cores (mma.sync m16n8k16, fp32 accumulation).
-// 4 warps; warp w takes the 16-token steps w, w+4, ... of the partition, with its own online softmax, and the
-// 4 warps are merged through shared memory at the end (no barrier in the main loop). Per step a lane issues all
-// its 16-byte loads (2 K rows, 4 V rows) before any math:
+// 4 warps; warp w takes the 16-token steps w, w+4, ... of the partition (SUB of them at a time, see DecodeTypes),
+// with its own online softmax, and the 4 warps are merged through shared memory at the end (no barrier in the main
+// loop). Per step a lane issues all its 16-byte loads (2 K rows, 4 V rows) before any math:
 //   S[h][t] = Q K^T    A = Q (rows = the HEADS query heads, padded to 16 with zeros), B = K^T straight from the
 //                      K rows' 16-byte loads (lane l holds token l/4); the head_dim order inside each k-step is
 //                      permuted so that the loads stay coalesced; Q is loaded in the same permuted order.
@@ -22,8 +22,9 @@
 //   O^T[d][h] += V^T P^T  A = V^T built from the V rows with byte permutes (lane loads tokens 2(l%4)+{0,1,8,9}),
 //                      B = P^T, which is exactly the S fragment re-packed to 16 bits: P never leaves registers.
 // FP8 cache (e4m3 codes, one power-of-two scale per token and KV head, see cupaged/fp8.py): the same kernel with
-// C = e4m3 reads half the bytes; codes become fp16 (K) / bf16 (V) in registers (DecodeTypes), K's scales multiply
-// the scores and V's the softmax weights before P V.
+// C = e4m3 reads half the bytes, 16 codes a load; a warp takes 32 tokens a step (the bytes in flight of the 16-bit
+// cache's 16); codes become fp16 (K, hardware cvt) / bf16 (V, bit moves) in registers (DecodeTypes), K's scales
+// multiply the scores and V's the softmax weights before P V.
 // paged_decode_simt (any of fp32/fp16/bf16; head_dim/vector a power of two <= 32): CUDA cores; the fallback for
 // fp32 and for the shapes the tensor-core kernel does not take. Scores go through shared memory.
 #include "common.cuh"
@@ -41,41 +42,95 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
     return r;
 }
 
-__device__ __forceinline__ uint2 ld_stream8(const void* p) {
-    uint2 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+// The same with the hint that the L2 fetch the whole 256-byte line from DRAM on a miss (the rest of the line is the
+// rest of this row or the next rows of the block, which the warp asks for at once: fewer, larger DRAM requests).
+// FP8 cache only: it came with the FP8 rework, which was measured with it; on the 16-bit cache it went with a
+// 5-9% loss (H200, with the single-launch combine also there), so that path keeps the plain load.
+__device__ __forceinline__ uint4 ld_stream_l2line(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
 
-// The tensor-core kernel's element types. The cache holds C: T itself (Q K^T and P V in T), or e4m3 codes. With
-// e4m3, Q K^T runs in fp16 (every e4m3 value is an exact half, 1 cvt per pair; Q is rounded to fp16 once, exact
-// for |q| in [6e-5, 65504]) and P V in bf16: V codes become bf16 bit patterns of value * 2^-112 (exact, no
-// subnormals), and each token's P carries its scale * 2^112, which bf16 holds for every scale however small
-// (fp16 P would underflow for tokens with small V). K's scales multiply the fp32 scores.
-template <typename T, typename C> struct DecodeTypes {
+__device__ __forceinline__ uint2 ld_stream8_l2line(const void* p) {
+    uint2 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+
+// The tensor-core kernel's element types and fragment builders. The cache holds C: T itself (Q K^T and P V in T),
+// or e4m3 codes. A lane loads KW consecutive elements of a K row (16 bytes) and VW of a V row per access.
+//   16-bit: the loaded words are the mma registers; a V m-tile takes one word of each of its 4 tokens. 16 tokens
+//   a warp step (SUB = 1: 2 steps at once needed ~200 registers, 2 CTAs an SM, and measured no faster).
+//   e4m3: Q K^T runs in fp16 (every e4m3 value is an exact half: 1 cvt per pair; Q is rounded to fp16 once,
+//   exact for |q| in [6e-5, 65504]); P V in bf16 straight from the codes' bits: sign and the 7 other bits moved
+//   into a bf16 (2 shifts / masks per pair, no cvt), which is the code's value times 2^-120 exactly (e4m3
+//   subnormals become bf16 subnormals). Each token's P carries its V scale times 2^112, which bf16 holds for
+//   every scale however small (fp16 P would underflow); the accumulator is then 2^-8 times the output, undone
+//   once at the end (OUT_SCALE). K's scales multiply the fp32 scores. 32 tokens a step: the same bytes in
+//   flight per warp as the 16-bit cache's 16, and half the softmax work per byte.
+template <typename T, typename C, int HEAD_DIM> struct DecodeTypes {
     using QK = T;
     using PV = T;
     static constexpr bool FP8 = false;
-    // 8 consecutive elements of a K (V) row as 16 bytes of QK (PV)
-    static __device__ __forceinline__ uint4 k8(const C* p) { return ld_stream(p); }
-    static __device__ __forceinline__ uint4 v8(const C* p) { return ld_stream(p); }
+    static constexpr int KW = 8, VW = 8, SUB = 1;
+    static constexpr float OUT_SCALE = 1.f;
+    // the two B registers of k-step ks from one 16-byte K load (4 words)
+    static __device__ __forceinline__ void k_step(const unsigned* w, int ks, unsigned& b0, unsigned& b1) {
+        b0 = w[2 * ks];
+        b1 = w[2 * ks + 1];
+    }
+    // A registers of m-tile jj (head_dim entries 2 jj + {0: row g, 1: row g + 8} of the lane's VW) from the V
+    // words of tokens 2 q4 + {0, 1, 8, 9}
+    static __device__ __forceinline__ void v_tile(unsigned* a, const unsigned* v0, const unsigned* v1,
+                                                  const unsigned* v2, const unsigned* v3, int jj) {
+        a[0] = __byte_perm(v0[jj], v1[jj], 0x5410);
+        a[1] = __byte_perm(v0[jj], v1[jj], 0x7632);
+        a[2] = __byte_perm(v2[jj], v3[jj], 0x5410);
+        a[3] = __byte_perm(v2[jj], v3[jj], 0x7632);
+    }
 };
-template <typename T> struct DecodeTypes<T, e4m3> {
+template <typename T, int HEAD_DIM> struct DecodeTypes<T, e4m3, HEAD_DIM> {
     using QK = __half;
     using PV = __nv_bfloat16;
     static constexpr bool FP8 = true;
-    static __device__ __forceinline__ uint4 k8(const e4m3* p) { return e4m3x8_to_half8(ld_stream8(p)); }
-    static __device__ __forceinline__ uint4 v8(const e4m3* p) {
-        uint4 h = e4m3x8_to_half8(ld_stream8(p));
-        return make_uint4(half2_to_bf16x2_scaled(h.x), half2_to_bf16x2_scaled(h.y), half2_to_bf16x2_scaled(h.z),
-                          half2_to_bf16x2_scaled(h.w));
+    static constexpr int KW = 16, VW = HEAD_DIM % 128 == 0 ? 16 : 8, SUB = HEAD_DIM <= 128 ? 2 : 1;
+    static constexpr float OUT_SCALE = 256.f;
+    static __device__ __forceinline__ void k_step(const unsigned* w, int ks, unsigned& b0, unsigned& b1) {
+        b0 = e4m3x2_to_half2(w[ks] & 0xffffu);
+        b1 = e4m3x2_to_half2(w[ks] >> 16);
     }
-    // half2 bits of e4m3 values (10-bit mantissas with 7 trailing zeros, no subnormals) -> bf16x2 bits of the
-    // values times 2^-112: the 5-bit exponent drops into the low bits of bf16's 8-bit one. Zero stays zero.
-    static __device__ __forceinline__ unsigned half2_to_bf16x2_scaled(unsigned h) {
-        return ((h & 0x7fff7fffu) >> 3) | (h & 0x80008000u);
+    // bf16x2 (times 2^-120) of codes in bytes 0 and 2 of x, and of those in bytes 1 and 3
+    static __device__ __forceinline__ unsigned bf16_even(unsigned x) {
+        return ((x << 8) & 0x80008000u) | ((x << 4) & 0x07f007f0u);
+    }
+    static __device__ __forceinline__ unsigned bf16_odd(unsigned x) {
+        return (x & 0x80008000u) | ((x >> 4) & 0x07f007f0u);
+    }
+    // a word holds 4 entries of a token's row: m-tiles 2w (entries 0, 1) and 2w + 1 (entries 2, 3)
+    static __device__ __forceinline__ void v_tile(unsigned* a, const unsigned* v0, const unsigned* v1,
+                                                  const unsigned* v2, const unsigned* v3, int jj) {
+        const unsigned sel = jj & 1 ? 0x7632 : 0x5410, w = jj / 2;
+        const unsigned x = __byte_perm(v0[w], v1[w], sel), y = __byte_perm(v2[w], v3[w], sel);
+        a[0] = bf16_even(x);
+        a[1] = bf16_odd(x);
+        a[2] = bf16_even(y);
+        a[3] = bf16_odd(y);
     }
 };
+
+// 4 (16 bytes) or 2 (8 bytes, FP8 only) words of a row that this kernel reads once; FP8: whole L2 lines
+template <int WORDS, bool FP8> __device__ __forceinline__ void ld_words(const void* p, unsigned* w) {
+    if constexpr (WORDS == 4) {
+        const uint4 v = FP8 ? ld_stream_l2line(p) : ld_stream(p);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else {
+        static_assert(WORDS == 2 && FP8, "8-byte accesses: FP8 only");
+        const uint2 v = ld_stream8_l2line(p);
+        w[0] = v.x; w[1] = v.y;
+    }
+}
 
 }  // namespace
 
@@ -90,14 +145,17 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
                 const unsigned char* __restrict__ v_scale, const int* __restrict__ block_tables, int max_blocks,
                 int seq_len, int num_kv_heads, int group, int head_chunks, int bs_log2,
                 int partition, int max_splits, float scale_log2, int split) {
-    using Types = DecodeTypes<T, C>;
+    using Types = DecodeTypes<T, C, HEAD_DIM>;
     using QK = typename Types::QK;
     using PV = typename Types::PV;
     static_assert(HEAD_DIM % 64 == 0 && HEADS >= 1 && HEADS <= 8, "HEAD_DIM in 64/128/256, up to 8 heads a CTA");
-    constexpr int KC = HEAD_DIM / 32;  // 16-byte K (and Q) chunks a lane holds per token row
-    constexpr int VC = HEAD_DIM / 64;  // 16-byte V chunks a lane holds per token row
-    constexpr int KSTEPS = HEAD_DIM / 16, MTILES = HEAD_DIM / 16;
-    constexpr bool V_EARLY = HEAD_DIM <= 128;
+    constexpr int KW = Types::KW, VW = Types::VW, SUB = Types::SUB, WSTEP = SUB * STEP;
+    constexpr int KL = HEAD_DIM / (4 * KW);                   // 16-byte K loads a lane makes per token row
+    constexpr int VC = HEAD_DIM / (8 * VW);                   // V loads a lane makes per token row ...
+    constexpr int VWORDS = VW * (int)sizeof(C) / 4;           // ... of this many words
+    constexpr int VT = VW / 2, KSL = KW / 4;                  // m-tiles per V load, k-steps per K load
+    constexpr int MTILES = HEAD_DIM / 16;
+    constexpr bool V_EARLY = HEAD_DIM * (int)sizeof(C) * SUB <= 256;  // registers for K and V loads at once
     const int kvh = blockIdx.x / head_chunks, chunk = blockIdx.x % head_chunks;
     const int b = blockIdx.z, start = split * partition, end = min(start + partition, seq_len);
     const bool single = partition >= seq_len;
@@ -113,22 +171,25 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
     const int* table = block_tables + (long long)b * max_blocks + first_block;
     for (int i = tid; i < num_table; i += THREADS) s_table[i] = table[i];
 
-    // Q fragment rows: lane holds head g's chunks 4i + q4 (the same permuted head_dim order as the K rows)
-    unsigned qa[KC][4];
+    // Q fragment rows: lane holds head g's entries (4 i + q4) KW + 2 r + {0, 1} in qa[i][r] (the K rows' order)
+    unsigned qa[KL][KW / 2];
 #pragma unroll
-    for (int i = 0; i < KC; ++i) {
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (g < HEADS) v = *reinterpret_cast<const uint4*>(q + b * q_stride + (long long)(head0 + g) * HEAD_DIM
-                                                           + (4 * i + q4) * 8);
-        qa[i][0] = v.x; qa[i][1] = v.y; qa[i][2] = v.z; qa[i][3] = v.w;
-        if constexpr (Types::FP8) {  // Q in QK = fp16 (a no-op round trip when T is fp16)
+    for (int i = 0; i < KL; ++i)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const T* pair = reinterpret_cast<const T*>(&qa[i][r]);
-                qa[i][r] = Mma<QK>::pack(to_float(pair[0]), to_float(pair[1]));
+        for (int h = 0; h < KW / 8; ++h) {
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (g < HEADS) v = *reinterpret_cast<const uint4*>(q + b * q_stride + (long long)(head0 + g) * HEAD_DIM
+                                                               + (4 * i + q4) * KW + 8 * h);
+            unsigned* r = qa[i] + 4 * h;
+            r[0] = v.x; r[1] = v.y; r[2] = v.z; r[3] = v.w;
+            if constexpr (Types::FP8) {  // Q in QK = fp16 (a no-op round trip when T is fp16)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const T* pair = reinterpret_cast<const T*>(&r[e]);
+                    r[e] = Mma<QK>::pack(to_float(pair[0]), to_float(pair[1]));
+                }
             }
         }
-    }
     __syncthreads();
 
     const long long block_stride = (long long)num_kv_heads * bs * HEAD_DIM;
@@ -143,119 +204,139 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
     for (int j = 0; j < MTILES; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     float m_run = neg_inf(), l_run = 0.f;  // head g's running max (log2 domain) and this lane's share of the sum
 
-    for (int base = start + warp * STEP; base < end; base += WARPS * STEP) {  // warp-uniform bounds
-        // ---- loads: K rows base + g and base + 8 + g; V rows base + 2 q4 + {0, 1, 8, 9} ----
-        unsigned kr[2][KC][4], vr[4][VC][4];
+    for (int base = start + warp * WSTEP; base < end; base += WARPS * WSTEP) {  // warp-uniform bounds
+        // ---- loads of sub-step u (tokens base + 16 u ...): K rows + g and + 8 + g; V rows + 2 q4 + {0, 1, 8, 9}
+        unsigned kr[SUB][2][KL][4], vr[SUB][4][VC][VWORDS];
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            const int t = base + nt * 8 + g;
-            if (t < end) {
-                const C* p = row(k_cache, t);
-#pragma unroll
-                for (int i = 0; i < KC; ++i) {
-                    const uint4 v = Types::k8(p + (4 * i + q4) * 8);
-                    kr[nt][i][0] = v.x; kr[nt][i][1] = v.y; kr[nt][i][2] = v.z; kr[nt][i][3] = v.w;
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < KC; ++i) kr[nt][i][0] = kr[nt][i][1] = kr[nt][i][2] = kr[nt][i][3] = 0u;
-            }
-        }
-        auto load_v = [&]() {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int t = base + 2 * q4 + (r & 1) + (r >> 1) * 8;
-                if (t < end) {  // a token past the end is never read: stale cache slots may hold NaN
-                    const C* p = row(v_cache, t);
-#pragma unroll
-                    for (int c = 0; c < VC; ++c) {
-                        const uint4 v = Types::v8(p + (8 * c + g) * 8);
-                        vr[r][c][0] = v.x; vr[r][c][1] = v.y; vr[r][c][2] = v.z; vr[r][c][3] = v.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int c = 0; c < VC; ++c) vr[r][c][0] = vr[r][c][1] = vr[r][c][2] = vr[r][c][3] = 0u;
-                }
-            }
-        };
-        // FP8: the scales of this lane's score columns, tokens base + 8 nt + 2 q4 + {0, 1} (one block: bs >= 2)
-        float ks[2][2], vs[2][2];
-        if constexpr (Types::FP8) {
+        for (int u = 0; u < SUB; ++u)
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) {
-                const int t = base + nt * 8 + 2 * q4;
-                unsigned kb = 0, vb = 0;
+                const int t = base + STEP * u + nt * 8 + g;
                 if (t < end) {
-                    const long long at = s_table[(t >> bs_log2) - first_block] * ((long long)num_kv_heads << bs_log2)
-                                         + ((long long)kvh << bs_log2) + (t & (bs - 1));
-                    kb = *reinterpret_cast<const unsigned short*>(k_scale + at);
-                    vb = *reinterpret_cast<const unsigned short*>(v_scale + at);
-                }
+                    const C* p = row(k_cache, t);
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {  // a token past the end gets 0 (its byte may be any stale value)
-                    const bool in = t + e < end;
-                    ks[nt][e] = in ? exponent_scale((kb >> (8 * e)) & 0xffu) : 0.f;
-                    vs[nt][e] = in ? exponent_scale(((vb >> (8 * e)) & 0xffu) + 112u) : 0.f;  // V is 2^-112 x
+                    for (int i = 0; i < KL; ++i) ld_words<4, Types::FP8>(p + (4 * i + q4) * KW, kr[u][nt][i]);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < KL; ++i)
+#pragma unroll
+                        for (int w = 0; w < 4; ++w) kr[u][nt][i][w] = 0u;
                 }
             }
+        auto load_v = [&]() {
+#pragma unroll
+            for (int u = 0; u < SUB; ++u)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int t = base + STEP * u + 2 * q4 + (r & 1) + (r >> 1) * 8;
+                    if (t < end) {  // a token past the end is never read: stale cache slots may hold NaN
+                        const C* p = row(v_cache, t);
+#pragma unroll
+                        for (int c = 0; c < VC; ++c) ld_words<VWORDS, Types::FP8>(p + (8 * c + g) * VW, vr[u][r][c]);
+                    } else {
+#pragma unroll
+                        for (int c = 0; c < VC; ++c)
+#pragma unroll
+                            for (int w = 0; w < VWORDS; ++w) vr[u][r][c][w] = 0u;
+                    }
+                }
+        };
+        // FP8: the scales of this lane's score columns, tokens base + 16 u + 8 nt + 2 q4 + {0, 1} (one block: bs >= 2)
+        float ks[SUB][2][2], vs[SUB][2][2];
+        if constexpr (Types::FP8) {
+#pragma unroll
+            for (int u = 0; u < SUB; ++u)
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    const int t = base + STEP * u + nt * 8 + 2 * q4;
+                    unsigned kb = 0, vb = 0;
+                    if (t < end) {
+                        const long long at = s_table[(t >> bs_log2) - first_block] * ((long long)num_kv_heads << bs_log2)
+                                             + ((long long)kvh << bs_log2) + (t & (bs - 1));
+                        kb = *reinterpret_cast<const unsigned short*>(k_scale + at);
+                        vb = *reinterpret_cast<const unsigned short*>(v_scale + at);
+                    }
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {  // a token past the end gets 0 (its byte may be any stale value)
+                        const bool in = t + e < end;
+                        ks[u][nt][e] = in ? exponent_scale((kb >> (8 * e)) & 0xffu) : 0.f;
+                        vs[u][nt][e] = in ? exponent_scale(((vb >> (8 * e)) & 0xffu) + 112u) : 0.f;  // see DecodeTypes
+                    }
+                }
         }
         if constexpr (V_EARLY) load_v();  // all of the step's loads in flight at once
-        // ---- S = Q K^T: two n-tiles of 8 tokens ----
-        float s[2][4];
+        // ---- S = Q K^T: two n-tiles of 8 tokens per sub-step ----
+        float s[SUB][2][4];
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        for (int u = 0; u < SUB; ++u)
 #pragma unroll
-            for (int k = 0; k < KSTEPS; ++k) {
-                const int i = k / 2, r = (k % 2) * 2;
-                Mma<QK>::mma(s[nt], qa[i][r], 0u, qa[i][r + 1], 0u, kr[nt][i][r], kr[nt][i][r + 1]);
+            for (int nt = 0; nt < 2; ++nt) {
+                s[u][nt][0] = s[u][nt][1] = s[u][nt][2] = s[u][nt][3] = 0.f;
+#pragma unroll
+                for (int i = 0; i < KL; ++i)
+#pragma unroll
+                    for (int k = 0; k < KSL; ++k) {
+                        unsigned b0, b1;
+                        Types::k_step(kr[u][nt][i], k, b0, b1);
+                        Mma<QK>::mma(s[u][nt], qa[i][2 * k], 0u, qa[i][2 * k + 1], 0u, b0, b1);
+                    }
             }
-        }
-        // lane holds S[head g][token base + 8 nt + 2 q4 + e] in s[nt][e], e = 0, 1 (s[nt][2..3]: padding rows)
+        // lane holds S[head g][token base + 16 u + 8 nt + 2 q4 + e] in s[u][nt][e], e = 0, 1 (2, 3: padding rows)
         float mx = neg_inf();
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int u = 0; u < SUB; ++u)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int t = base + nt * 8 + 2 * q4 + e;
-                float sc = scale_log2;
-                if constexpr (Types::FP8) sc *= ks[nt][e];
-                s[nt][e] = t < end ? s[nt][e] * sc : neg_inf();
-                mx = fmaxf(mx, s[nt][e]);
-            }
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int t = base + STEP * u + nt * 8 + 2 * q4 + e;
+                    float sc = scale_log2;
+                    if constexpr (Types::FP8) sc *= ks[u][nt][e];
+                    s[u][nt][e] = t < end ? s[u][nt][e] * sc : neg_inf();
+                    mx = fmaxf(mx, s[u][nt][e]);
+                }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m_run, mx);  // finite: every step holds at least one token
         const float alpha = fast_exp2(m_run - m_new);
         m_run = m_new;
-        float p[2][2];
+        float p[SUB][2][2];
+        l_run *= alpha;
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int u = 0; u < SUB; ++u)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) p[nt][e] = fast_exp2(s[nt][e] - m_new);
-        l_run = l_run * alpha + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+            for (int nt = 0; nt < 2; ++nt) {
+                p[u][nt][0] = fast_exp2(s[u][nt][0] - m_new);
+                p[u][nt][1] = fast_exp2(s[u][nt][1] - m_new);
+                l_run += p[u][nt][0] + p[u][nt][1];
+            }
         // the accumulator holds heads 2 q4 and 2 q4 + 1: their rescaling factors live in lanes 8 q4 and 8 q4 + 4
         const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * q4);
         const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * q4 + 4);
-        if constexpr (Types::FP8) {  // P V with each token's V scale (l_run above keeps the plain p)
+        unsigned pb[SUB][2];
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
+        for (int u = 0; u < SUB; ++u)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) p[nt][e] *= vs[nt][e];
-        }
-        const unsigned pb0 = Mma<PV>::pack(p[0][0], p[0][1]), pb1 = Mma<PV>::pack(p[1][0], p[1][1]);
+            for (int nt = 0; nt < 2; ++nt) {
+                if constexpr (Types::FP8) {  // P V with each token's V scale (l_run above keeps the plain p)
+                    p[u][nt][0] *= vs[u][nt][0];
+                    p[u][nt][1] *= vs[u][nt][1];
+                }
+                pb[u][nt] = Mma<PV>::pack(p[u][nt][0], p[u][nt][1]);
+            }
 
         if constexpr (!V_EARLY) load_v();  // head_dim 256: registers allow only K or V ahead of the math
-        // ---- O^T += V^T P^T: m-tile j covers head_dim entries 64 (j/4) + 8 g + 2 (j%4) + {0 (row g), 1 (row g+8)}
+        // ---- O^T += V^T P^T: m-tile j covers head_dim entries VW (8 (j / VT) + g) + 2 (j % VT) + {0 (row g), 1}
 #pragma unroll
         for (int j = 0; j < MTILES; ++j) {
-            const int c = j / 4, r = j % 4;
-            const unsigned a0 = __byte_perm(vr[0][c][r], vr[1][c][r], 0x5410);
-            const unsigned a1 = __byte_perm(vr[0][c][r], vr[1][c][r], 0x7632);
-            const unsigned a2 = __byte_perm(vr[2][c][r], vr[3][c][r], 0x5410);
-            const unsigned a3 = __byte_perm(vr[2][c][r], vr[3][c][r], 0x7632);
+            const int c = j / VT, jj = j % VT;
             acc[j][0] *= alpha0; acc[j][1] *= alpha1; acc[j][2] *= alpha0; acc[j][3] *= alpha1;
-            Mma<PV>::mma(acc[j], a0, a1, a2, a3, pb0, pb1);
+#pragma unroll
+            for (int u = 0; u < SUB; ++u) {
+                unsigned a[4];
+                Types::v_tile(a, vr[u][0][c], vr[u][1][c], vr[u][2][c], vr[u][3][c], jj);
+                Mma<PV>::mma(acc[j], a, pb[u][0], pb[u][1]);
+            }
         }
     }
 
@@ -265,9 +346,10 @@ decode_tc_split(T* __restrict__ out, float* __restrict__ part_out, float2* __res
     if (q4 == 0 && g < HEADS) { s_m[warp][g] = m_run; s_l[warp][g] = l_run; }
 #pragma unroll
     for (int j = 0; j < MTILES; ++j) {
-        const int d = 64 * (j / 4) + 8 * g + 2 * (j % 4), h0 = 2 * q4, h1 = 2 * q4 + 1;
-        if (h0 < HEADS) { s_acc[warp][h0][d] = acc[j][0]; s_acc[warp][h0][d + 1] = acc[j][2]; }
-        if (h1 < HEADS) { s_acc[warp][h1][d] = acc[j][1]; s_acc[warp][h1][d + 1] = acc[j][3]; }
+        const int d = VW * (8 * (j / VT) + g) + 2 * (j % VT), h0 = 2 * q4, h1 = 2 * q4 + 1;
+        constexpr float o = Types::OUT_SCALE;
+        if (h0 < HEADS) { s_acc[warp][h0][d] = acc[j][0] * o; s_acc[warp][h0][d + 1] = acc[j][2] * o; }
+        if (h1 < HEADS) { s_acc[warp][h1][d] = acc[j][1] * o; s_acc[warp][h1][d + 1] = acc[j][3] * o; }
     }
     __syncthreads();
     constexpr int VEC = 4;

@@ -237,10 +237,33 @@ def test_decode_partitions_and_reduce(ops, dtype, head_dim, partition) -> None:
     want = reference_ops().paged_attention(q, k_cache[0], v_cache[0], meta, 0.3)
     if dtype == "float32":
         partition = min(partition, 1024)  # CUDA-core kernel: scores of 4 heads x partition in shared memory
-    out = cupy.empty_like(q)
+    out = cupy.full(q.shape, np.nan, dtype=q.dtype)
     ops.paged_decode_attention(out, q, k_cache[0], v_cache[0], meta.block_tables, meta.seq_lens,
                                max(seq_lens), 0.3, partition=partition)
     close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_decode_splits_repeat_bit_identical(ops, dtype) -> None:
+    """Split-k calls leave nothing behind: a second call over other sequences (looping CTAs too) combines right,
+    and a repeat of the first, after it, is bit-identical (the partials are combined in partition order)."""
+    import cupy
+
+    seed = np.random.SeedSequence().entropy  # fresh inputs, the same for the first and the third call
+    outs = []
+    for seq_lens, grid_splits in (([700, 64, 2000], None), ([1500, 129, 900, 3], 2), ([700, 64, 2000], None)):
+        num_blocks = sum(-(-s // 16) for s in seq_lens) + 2
+        rng = np.random.default_rng(seed if len(outs) != 1 else None)
+        k_cache, v_cache = make_cache(dtype, 1, num_blocks, 2, 16, 128, rng)
+        meta = random_batch(rng, [1] * len(seq_lens), seq_lens, 16, num_blocks, k_cache[0], v_cache[0])
+        q = rand((len(seq_lens), 8, 128), dtype, rng, scale=2.0)
+        want = reference_ops().paged_attention(q, k_cache[0], v_cache[0], meta, 0.2)
+        out = cupy.full(q.shape, np.nan, dtype=q.dtype)
+        ops.paged_decode_attention(out, q, k_cache[0], v_cache[0], meta.block_tables, meta.seq_lens,
+                                   max(seq_lens), 0.2, partition=128, grid_splits=grid_splits)
+        close(out, want, dtype)
+        outs.append(out)
+    assert cupy.array_equal(outs[0], outs[2])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
