@@ -139,12 +139,16 @@ def _missing_headers_hint(log: str) -> str:
             "toolkit")
 
 
-def module(filename: str, names: tuple[str, ...], options: tuple[str, ...] = ()):
-    """The RawModule of cuda/`filename` with the template instantiations `names`, compiled once per process."""
-    return _module(filename, tuple(names), tuple(options), device_arch())
+def module(filename: str, names: tuple[str, ...], options: tuple[str, ...] = (), arch: str | None = None):
+    """The RawModule of cuda/`filename` with the template instantiations `names`, compiled once per process.
+
+    arch: the target after 'sm_' when it is not the device's own, e.g. '90a' for wgmma (architecture-specific
+    instructions run only on that exact compute capability: the caller checks the device).
+    """
+    return _module(filename, tuple(names), tuple(options), arch or device_arch())
 
 
 @functools.cache
-def kernel(filename: str, name: str, options: tuple[str, ...] = ()):
-    """The compiled kernel `name` (e.g. 'rms_norm<__nv_bfloat16>') from cuda/`filename`."""
-    return module(filename, (name,), options).get_function(name)
+def kernel(filename: str, name: str, options: tuple[str, ...] = (), arch: str | None = None):
+    """The compiled kernel `name` (e.g. 'rms_norm<__nv_bfloat16>') from cuda/`filename` (arch: see `module`)."""
+    return module(filename, (name,), options, arch).get_function(name)
