@@ -42,17 +42,30 @@ def fp(request, monkeypatch):
     ("float16", (16, 8), 32),   # Qwen3-0.6B heads: GQA 2
 ])
 def test_prompt_lengths(fp, rng, length, dtype, heads, block_size) -> None:
-    """A whole prompt, no cached prefix."""
+    """A whole prompt, no cached prefix. num_seqs=1: a one-token prompt counts as a decode in the metadata, and
+    by default the kernel covers the prefills only (none: nothing would be computed or checked)."""
     case = Case(rng, [length], [length], *heads, 128, block_size, dtype)
-    case.check(fp)
+    case.check(fp, num_seqs=1)
 
 
 @pytest.mark.parametrize("dtype, heads, block_size", [("bfloat16", (32, 8), 16), ("float16", (16, 8), 8)])
 def test_chunked_prefill_over_paged_prefix(fp, rng, dtype, heads, block_size) -> None:
-    """Query rows that start mid-sequence (chunked prefill): prefixes on and off the 128-key tile and the block."""
-    query_lens = [1, 17, 128, 500, 300, 64, 129]
-    prefixes = [5, 1000, 127, 129, 3000, 128, 1]
+    """Query rows that start mid-sequence (chunked prefill): prefixes on and off the 128-key tile and the block;
+    the single-token query last (the metadata wants decodes after the prefills), taken in through num_seqs."""
+    query_lens = [17, 128, 500, 300, 64, 129, 1]
+    prefixes = [1000, 127, 129, 3000, 128, 1, 5]
     case = Case(rng, query_lens, [q + p for q, p in zip(query_lens, prefixes)], *heads, 128, block_size, dtype)
+    case.check(fp, num_seqs=len(query_lens))
+
+
+@pytest.mark.parametrize("dtype, block_size", [("bfloat16", 16), ("float16", 8)])
+def test_tile_and_warpgroup_edges(fp, rng, dtype, block_size) -> None:
+    """Query lengths and prefixes at, one under and one over the 64-row warpgroup half, the 128-row query tile and
+    the 128-key tile: a warpgroup with no rows, a partial one, a key tile that ends past seq_len, a causal diagonal
+    that starts mid-tile."""
+    edges = [2, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257]
+    prefixes = [0, 1, 63, 64, 65, 127, 128, 129, 0, 5, 191, 64, 31]
+    case = Case(rng, edges, [q + p for q, p in zip(edges, prefixes)], 4, 2, 128, block_size, dtype)
     case.check(fp)
 
 
