@@ -112,8 +112,10 @@ def _module(filename: str, names: tuple[str, ...], options: tuple[str, ...], arc
     source = read_source(path)
     opts = BASE_OPTIONS + options + (f"-arch=sm_{arch}",) + include_options()
     try:
+        if arch[-1].isalpha():  # architecture-specific (sm_90a): RawModule would append CuPy's own -arch=sm_90
+            return _ArchModule(source, opts, names)
         return cupy.RawModule(code=source, options=opts, name_expressions=list(names))
-    except cupy.cuda.compiler.CompileException as exc:
+    except (cupy.cuda.compiler.CompileException, _NvrtcFailed) as exc:
         log = exc.get_message() if hasattr(exc, "get_message") else str(exc)
         raise KernelCompileError(f"{path}: compiling {', '.join(names)} with {' '.join(opts)} failed:\n{log}"
                                  f"{_missing_headers_hint(log)}") from None
@@ -125,6 +127,69 @@ def _module(filename: str, names: tuple[str, ...], options: tuple[str, ...], arc
             raise
         raise KernelCompileError(f"compiling {path.name}: {missing_library_message(f'NVRTC ({library})')} "
                                  f"({type(exc).__name__}: {exc})") from None
+
+
+class _NvrtcFailed(Exception):
+    """NVRTC rejected an architecture-specific compile; the message is its log."""
+
+
+# What CuPy adds to each of its NVRTC compiles besides -arch, so both paths build the same code.
+_CUPY_NVRTC_OPTIONS = ("--device-as-default-execution-space", "-ftz=true")
+
+
+class _ArchModule:
+    """Kernels compiled by NVRTC for an architecture-specific target such as sm_90a (wgmma), loaded as a cubin.
+
+    cupy.RawModule appends its own -arch=sm_XY (the device's plain target) after the caller's options, so these
+    compile here, through CuPy's NVRTC binding, with exactly our options; CuPy's disk cache does not hold them
+    (each process compiles them once)."""
+
+    def __init__(self, source: str, options: tuple[str, ...], names: tuple[str, ...]) -> None:
+        from cupy.cuda import function
+        from cupy_backends.cuda.libs import nvrtc
+
+        prog = nvrtc.createProgram(source, "cupaged_arch.cu", (), ())
+        try:
+            for name in names:
+                nvrtc.addNameExpression(prog, name)
+            try:
+                nvrtc.compileProgram(prog, list(options + _CUPY_NVRTC_OPTIONS))
+            except nvrtc.NVRTCError:
+                raise _NvrtcFailed(nvrtc.getProgramLog(prog)) from None
+            self._lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
+            cubin = nvrtc.getCUBIN(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+        self._module = function.Module()
+        self._module.load(cubin)
+
+    def get_function(self, name: str) -> "_ArchFunction":
+        return _ArchFunction(self._module.get_function(self._lowered[name]))
+
+
+class _ArchFunction:
+    """A kernel of an _ArchModule, called like a cupy.RawKernel: fn(grid, block, args, shared_mem=...)."""
+
+    def __init__(self, function) -> None:
+        self._function = function
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+        self._function(grid, block, args, shared_mem=shared_mem)
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        from cupy.cuda import driver
+
+        return driver.funcGetAttribute(_MAX_DYNAMIC_SMEM, self._function.ptr)
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, size: int) -> None:
+        from cupy.cuda import driver
+
+        driver.funcSetAttribute(self._function.ptr, _MAX_DYNAMIC_SMEM, size)
+
+
+_MAX_DYNAMIC_SMEM = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
 def _missing_headers_hint(log: str) -> str:
@@ -139,12 +204,16 @@ def _missing_headers_hint(log: str) -> str:
             "toolkit")
 
 
-def module(filename: str, names: tuple[str, ...], options: tuple[str, ...] = ()):
-    """The RawModule of cuda/`filename` with the template instantiations `names`, compiled once per process."""
-    return _module(filename, tuple(names), tuple(options), device_arch())
+def module(filename: str, names: tuple[str, ...], options: tuple[str, ...] = (), arch: str | None = None):
+    """The RawModule of cuda/`filename` with the template instantiations `names`, compiled once per process.
+
+    arch: the target after 'sm_' when it is not the device's own, e.g. '90a' for wgmma (architecture-specific
+    instructions run only on that exact compute capability: the caller checks the device).
+    """
+    return _module(filename, tuple(names), tuple(options), arch or device_arch())
 
 
 @functools.cache
-def kernel(filename: str, name: str, options: tuple[str, ...] = ()):
-    """The compiled kernel `name` (e.g. 'rms_norm<__nv_bfloat16>') from cuda/`filename`."""
-    return module(filename, (name,), options).get_function(name)
+def kernel(filename: str, name: str, options: tuple[str, ...] = (), arch: str | None = None):
+    """The compiled kernel `name` (e.g. 'rms_norm<__nv_bfloat16>') from cuda/`filename` (arch: see `module`)."""
+    return module(filename, (name,), options, arch).get_function(name)

@@ -98,6 +98,7 @@ class Case:
 
     def check(self, fp, num_seqs=None, config=None, out_rows=None, expected=None):
         out, rows = self.run(fp, num_seqs, config, out_rows)
+        assert rows > 0, "no rows to check (single-token queries count as decodes: pass num_seqs)"
         expected = self.reference() if expected is None else expected
         a = out[:rows].astype(np.float32).get()
         e = expected[:rows].get()

@@ -12,23 +12,40 @@ are neither read nor written: with `out=None` the result has `num_prefill_tokens
 other rows as they were. `num_seqs=` widens the range to the first `num_seqs` sequences (the kernel is correct
 for single-token queries too, only slower than the decode kernel).
 
+Two kernels compute it. cuda/flash_prefill.cu ("fa2": FlashAttention-2 on mma.sync, every dtype, head size and
+cache format here, compute capability 8.0 or newer) and cuda/flash_prefill_sm90.cu ("sm90", and "sm90-overlap",
+its variant that overlaps a warpgroup's softmax with its next QK^T: warpgroup MMA, compiled for sm_90a, so only on
+compute capability 9.0; head_dim 128 with an fp16/bf16 cache and no fa2 tile configuration asked for).
+$CUPAGED_PREFILL_KERNEL (one of KERNELS) or the `kernel=` argument picks one; "auto" takes sm90 where it applies;
+an sm90 choice where it does not apply runs fa2. DEFAULT_KERNEL is the choice without either.
+
 Kernels compile through `cupaged.kernels.kernel` (NVRTC via cupy.RawModule, one instantiation per dtype, head
-size and tile configuration, cached on disk by CuPy). Needs compute capability 8.0 or newer (cp.async, bf16 mma).
+size and tile configuration, cached on disk by CuPy).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
 
 import numpy as np
 
-from cupaged.kernels import ctype, kernel
+from cupaged.kernels import ctype
+from cupaged.kernels import kernel as compiled
 from cupaged.kv_cache import AttentionMetadata
 
 Array = Any
 KERNEL_FILE = "flash_prefill.cu"
+SM90_KERNEL_FILE = "flash_prefill_sm90.cu"
+ENV_KERNEL = "CUPAGED_PREFILL_KERNEL"
+KERNELS = ("fa2", "sm90", "sm90-overlap", "auto")
+# sm90 where it applies: 1.1-1.3x fa2's TFLOP/s at 4k-16k tokens on an H200 (bench/bench_prefill_attention.py).
+DEFAULT_KERNEL = "auto"
+SM90_HEAD_DIM = 128
+SM90_TILE = 128  # query rows and keys per tile of the sm90 kernel
+SM90_THREADS = 256  # two warpgroups
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
 DTYPES = ("float16", "bfloat16")
@@ -39,6 +56,7 @@ CONFIGS = ((4, 2, 64), (4, 2, 32), (8, 1, 64), (4, 1, 64))
 ENV_CONFIG = "CUPAGED_FLASH_PREFILL_CONFIG"  # e.g. "4,2,32": overrides the default for every head size
 _WORK_ATTR = "_flash_prefill_work"
 _smem_limit: dict[int, tuple[Any, int]] = {}  # id(function) -> (function, the dynamic smem limit set on it)
+logger = logging.getLogger(__name__)
 
 
 def supported(dtype: Any, head_dim: int) -> bool:
@@ -65,6 +83,34 @@ def smem_bytes(head_dim: int, config: tuple[int, int, int], itemsize: int = 2) -
     """Dynamic shared memory of one CTA: the Q tile, two stages of K and V tiles, two stages of block ids."""
     block_n = config[2]
     return (block_rows(config) * head_dim + 4 * block_n * head_dim) * itemsize + 2 * block_n * 4
+
+
+def smem_bytes_sm90(overlap: bool = False, head_dim: int = SM90_HEAD_DIM, itemsize: int = 2) -> int:
+    """Dynamic shared memory of one sm90 CTA: Q and 2 (overlap: 3) stages of K and V tiles, plus 1 KiB to align
+    the base."""
+    stages = 3 if overlap else 2
+    return (1 + 2 * stages) * SM90_TILE * head_dim * itemsize + 1024
+
+
+def kernel_for(dtype: Any, head_dim: int, *, fp8: bool = False, config: tuple[int, int, int] | None = None,
+               kernel: str | None = None) -> str:
+    """'fa2', 'sm90' or 'sm90-overlap': the kernel that runs a call with these properties.
+
+    `kernel` (else $CUPAGED_PREFILL_KERNEL, else DEFAULT_KERNEL) asks; an sm90 kernel runs when asked for ("auto"
+    means "sm90") and it applies: a compute capability 9.0 device, head_dim 128, an fp16/bf16 cache, no fa2 tile config
+    (neither `config` nor $CUPAGED_FLASH_PREFILL_CONFIG).
+    """
+    choice = kernel or os.environ.get(ENV_KERNEL) or DEFAULT_KERNEL
+    if choice not in KERNELS:
+        raise ValueError(f"prefill kernel {choice!r} is not one of {KERNELS}")
+    if (choice == "fa2" or fp8 or config is not None or os.environ.get(ENV_CONFIG) or head_dim != SM90_HEAD_DIM
+            or not supported(dtype, head_dim)):
+        return "fa2"
+    import cupy
+
+    if cupy.cuda.Device().compute_capability != "90":
+        return "fa2"
+    return "sm90" if choice == "auto" else choice
 
 
 def work_list(query_start_loc: np.ndarray, seq_lens: np.ndarray, num_seqs: int, block_m: int,
@@ -130,7 +176,7 @@ def _index_array(cupy, name: str, a: Array, ndim: int) -> Array:
 def flash_prefill_attention(q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float,
                             out: Array | None = None, *, num_seqs: int | None = None,
                             config: tuple[int, int, int] | None = None,
-                            kv_scales: tuple[Array, Array] | None = None) -> Array:
+                            kv_scales: tuple[Array, Array] | None = None, kernel: str | None = None) -> Array:
     """Causal attention of the prefill rows of q [T, Hq, D] over one layer's paged cache; returns out.
 
     k_cache, v_cache: one layer's [num_blocks, Hkv, block_size, D] (C-contiguous, block_size a power of two).
@@ -138,7 +184,7 @@ def flash_prefill_attention(q: Array, k_cache: Array, v_cache: Array, meta: Atte
     computed; out (default: a new [that many rows, Hq, D] array) gets those rows and nothing else.
     fp16 or bf16, D in (64, 128), Hq a multiple of Hkv, scale > 0. An FP8 cache holds uint8 e4m3 codes, and
     kv_scales its (k_scale, v_scale) exponents [num_blocks, Hkv, block_size] (cupaged/fp8.py); the kernel
-    dequantizes the tiles as it gathers them.
+    dequantizes the tiles as it gathers them. kernel: one of KERNELS (see `kernel_for`).
     """
     import cupy
 
@@ -205,17 +251,22 @@ def flash_prefill_attention(q: Array, k_cache: Array, v_cache: Array, meta: Atte
     query_start_loc = _index_array(cupy, "query_start_loc", meta.query_start_loc, 1)
     seq_lens = _index_array(cupy, "seq_lens", meta.seq_lens, 1)
 
+    chosen = kernel_for(q.dtype, head_dim, fp8=fp8, config=config, kernel=kernel)
+    if chosen != "fa2":
+        _launch_sm90(chosen == "sm90-overlap", out, o_stride, q_rows, q_stride, k_cache, v_cache, block_tables,
+                     query_start_loc, seq_lens, _work(meta, num_seqs, SM90_TILE, SM90_TILE), num_heads, num_kv_heads,
+                     block_size, scale)
+        return out
     cfg = config_for(head_dim, config)
     warps, m_tiles, block_n = cfg
     work = _work(meta, num_seqs, block_rows(cfg), block_n)
     if work.shape[0] == 0:
         return out
     cache_t = "cupaged::e4m3" if fp8 else ctype(q.dtype)
-    fn = kernel(KERNEL_FILE, f"flash_prefill<{ctype(q.dtype)}, {cache_t}, {head_dim}, {warps}, {m_tiles}, {block_n}>")
+    fn = compiled(KERNEL_FILE, f"flash_prefill<{ctype(q.dtype)}, {cache_t}, {head_dim}, {warps}, {m_tiles}, "
+                  f"{block_n}>")
     smem = smem_bytes(head_dim, cfg, q.itemsize)
-    if smem > 48 * 1024 and _smem_limit.get(id(fn), (None, 0))[1] < smem:  # opt in beyond 48 KiB, once
-        fn.max_dynamic_shared_size_bytes = smem
-        _smem_limit[id(fn)] = (fn, smem)  # holding fn keeps its id from being reused
+    _allow_smem(fn, smem)
     fn((work.shape[0] * num_heads,), (warps * 32,),
        (out, np.int64(o_stride), q_rows, np.int64(q_stride), k_cache, v_cache,
         *(kv_scales if fp8 else (k_cache, v_cache)), block_tables,
@@ -223,3 +274,30 @@ def flash_prefill_attention(q: Array, k_cache: Array, v_cache: Array, meta: Atte
         np.int32(num_kv_heads), np.int32(int(math.log2(block_size))), np.float32(scale * LOG2E)),
        shared_mem=smem)
     return out
+
+
+def _allow_smem(fn: Any, smem: int) -> None:
+    """Opt `fn` in to `smem` bytes of dynamic shared memory beyond the default 48 KiB, once."""
+    if smem > 48 * 1024 and _smem_limit.get(id(fn), (None, 0))[1] < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+        _smem_limit[id(fn)] = (fn, smem)  # holding fn keeps its id from being reused
+
+
+def _launch_sm90(overlap: bool, out: Array, o_stride: int, q: Array, q_stride: int, k_cache: Array, v_cache: Array,
+                 block_tables: Array, query_start_loc: Array, seq_lens: Array, work: Array, num_heads: int,
+                 num_kv_heads: int, block_size: int, scale: float) -> None:
+    """cuda/flash_prefill_sm90.cu (its OVERLAP variant or not) over the checked arguments of
+    flash_prefill_attention, compiled for sm_90a."""
+    if work.shape[0] == 0:
+        return
+    head_dim = k_cache.shape[3]
+    fn = compiled(SM90_KERNEL_FILE, f"flash_prefill_sm90<{ctype(q.dtype)}, {head_dim}, {str(overlap).lower()}>",
+                  arch="90a")
+    smem = smem_bytes_sm90(overlap, head_dim, q.itemsize)
+    _allow_smem(fn, smem)
+    logger.debug("flash prefill: sm90 kernel (overlap %s), %d tiles x %d heads", overlap, work.shape[0], num_heads)
+    fn((work.shape[0] * num_heads,), (SM90_THREADS,),
+       (out, np.int64(o_stride), q, np.int64(q_stride), k_cache, v_cache, block_tables,
+        np.int32(block_tables.shape[1]), query_start_loc, seq_lens, work, np.int32(num_heads),
+        np.int32(num_kv_heads), np.int32(int(math.log2(block_size))), np.float32(scale * LOG2E)),
+       shared_mem=smem)
