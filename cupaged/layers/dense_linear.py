@@ -19,9 +19,12 @@ import numpy as np
 from cupaged.device import array_module
 
 Array = Any
-# Up to this many rows of x, the GEMV rather than cuBLAS (the GEMV reads the weight once for all rows; its
-# arithmetic grows with them, cuBLAS's tensor cores do not care).
-GEMV_MAX_ROWS = 16
+# Up to this many rows of x, the GEMV rather than cuBLAS. Measured on an H200 (bench/bench_gemv.py, Llama-3-8B
+# shapes, fraction of the read limit, GEMV vs cuBLAS TN): at M = 1 qkv 0.87 vs 0.84, o 0.73 vs 0.64, gate_up 1.05
+# vs 1.07, down 0.89 vs 0.94 (even in sum; the GEMV wins on the small projections); at M = 2 cuBLAS wins
+# (qkv 0.79 vs 0.83, gate_up 1.02 vs 1.06, down 0.85 vs 0.94), and the GEMV's CUDA-core FMAs lose more with each
+# row (gate_up 0.58 vs 1.05 at M = 8).
+GEMV_MAX_ROWS = 1
 GEMV_DTYPES = ("bfloat16", "float16")
 
 

@@ -43,11 +43,13 @@ LINEAR_SUFFIXES = tuple(f"{p}.weight" for p in ("self_attn.q_proj", "self_attn.k
                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 MIN_AMAX = np.float32(1e-30)  # fp8_quant.cu's FP8_MIN_AMAX: a zero row gets a finite scale
 K_MULTIPLE = 16  # cuBLASLt FP8: leading dimensions (K bytes) multiples of 16; N too, for 16-byte output rows
-# Up to this many rows of x, the W8A16 GEMV instead of quantize + cuBLASLt + scale (three launches). Estimated,
-# not yet measured (bench_gemv's fp8 vs fp8_cublaslt rows say): the GEMV's FMAs run on CUDA cores (~67 fp32
-# TFLOP/s), 2 M N K of them, which pass the 1-byte weight read at 3.9 TB/s near M = 8 (gate_up at M = 8: ~28 us
-# of FMAs, ~30 us of reading); cuBLASLt's path costs ~34 us there at any small M (measured at M = 1).
-GEMV_MAX_ROWS = 8
+# Up to this many rows of x, the W8A16 GEMV instead of quantize + cuBLASLt + scale (three launches). Measured on
+# an H200 (bench/bench_gemv.py, Llama-3-8B shapes, fraction of the read limit, GEMV vs cuBLASLt path): at M = 2
+# qkv 0.59 vs 0.49, o 0.45 vs 0.38, gate_up 0.84 vs 0.87, down 0.73 vs 0.57; at M = 4 the GEMV loses (its FMAs
+# run on CUDA cores): qkv 0.40 vs 0.48, gate_up 0.58 vs 0.86. At M = 1 the bench's first cell of a shape is
+# unsteady (gate_up 0.37 in one run and 0.85 in the next, down 0.25 and 0.15, while M = 2 gave 0.84 and 0.73 both
+# times); batch-1 decode of the Llama-3-8B shape was 293 and 282 tok/s in those two runs.
+GEMV_MAX_ROWS = 2
 GEMV_FUNCTOR = "cupaged::stream::Fp8"
 
 
