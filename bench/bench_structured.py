@@ -130,14 +130,15 @@ def table(results: list[dict]) -> list[str]:
 @with_options(WORKLOAD_OPTIONS)
 @click.option("--json", "json_path", default=None)
 def main(model: str | None, preset: str | None, num_requests: int, scale: int, device: str | None, dtype: str,
-         max_num_seqs: int, quantization: str | None, enforce_eager: bool, sync_scheduling: bool,
+         max_num_seqs: int, quantization: str | None, kv_cache_dtype: str, enforce_eager: bool, sync_scheduling: bool,
          json_path: str | None) -> None:
     """Output tok/s of nano-vllm's workload without and with JSON schemas on half of the requests."""
     if num_requests < 2:
         raise click.UsageError("--num-requests must be at least 2: half of them are constrained")
     # no prefix caching: the second run's prompts are the first's, and would skip their prefills
     options = dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
-                   async_scheduling=not sync_scheduling, enable_prefix_caching=False, quantization=quantization)
+                   async_scheduling=not sync_scheduling, enable_prefix_caching=False, quantization=quantization,
+                   kv_cache_dtype=kv_cache_dtype)
     with contextlib.ExitStack() as stack:
         model = bench_checkpoint(stack, model, preset, options)
         workload = nano_vllm_workload(num_requests, scale, vocab=open_checkpoint(model)[0].vocab_size)

@@ -179,6 +179,8 @@ def run_cupaged(model: str, workload: list[tuple[list[int], int]], engine_option
               "async_scheduling": engine_options.get("async_scheduling", True),
               "load_format": engine_options.get("load_format", "auto"),
               "quantization": engine_options.get("quantization"),
+              "kv_cache_dtype": engine_options.get("kv_cache_dtype", "auto"),
+              "max_cached_tokens": total_blocks * engine_options.get("block_size", 16),
               "ms_per_step": ms_per_step(before, after, steps, elapsed)}
     click.echo(f"cupaged: {result}", err=True)
     return result
@@ -279,6 +281,8 @@ def report_lines(results: list[dict]) -> list[str]:
         ms = r["ms_per_step"]
         phases = ", ".join(f"{k} {ms[k]:.2f}" for k in PHASES if k in ms) or "phases n/a (no engine.core.timings)"
         lines.append(f"{r['engine']}: ms per step over {r['steps']} steps: {phases}; total {ms['total']:.2f}")
+        lines.append(f"{r['engine']}: KV cache ({r['kv_cache_dtype']}) holds {r['max_cached_tokens']:,} tokens "
+                     f"({r['kv_blocks_total']:,} blocks); weights {r['quantization'] or 'as the checkpoint'}")
     return lines
 
 
@@ -302,15 +306,15 @@ def table(results: list[dict], peers: bool) -> list[str]:
 @click.option("--peer-requests", default=None, type=int, help="Run the peers on the first N requests only.")
 @click.option("--json", "json_path", default=None)
 def main(model: str | None, preset: str | None, num_requests: int, scale: int, device: str | None, dtype: str,
-         max_num_seqs: int, max_num_batched_tokens: int | None, quantization: str | None, enforce_eager: bool,
-         sync_scheduling: bool, peers: bool, peer_requests: int | None, json_path: str | None) -> None:
+         max_num_seqs: int, max_num_batched_tokens: int | None, quantization: str | None, kv_cache_dtype: str,
+         enforce_eager: bool, sync_scheduling: bool, peers: bool, peer_requests: int | None, json_path: str | None) -> None:
     """Offline throughput of cupaged on nano-vllm's workload, beside the physical floor of the steps it ran."""
     if peers and preset:
         raise click.UsageError("--peers needs --model: transformers loads a checkpoint's weights, and a --preset "
                                "has none (cupaged makes random ones on the device)")
     options = dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
-                   async_scheduling=not sync_scheduling, quantization=quantization)
+                   async_scheduling=not sync_scheduling, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     # the ceilings first, on an idle card: before any engine holds its memory
     ceilings = measure_ceilings() if devices.set_device(device) == "cuda" else None
     with contextlib.ExitStack() as stack:

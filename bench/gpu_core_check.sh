@@ -2,6 +2,8 @@
 # One device run for the engine core split: the engine's GPU tests, end-to-end throughput against the physical
 # floor (Qwen3-0.6B shape; the Llama-3-8B shape with BIG=1), the server against the same requests offline at
 # concurrency 64 (and 256 with BIG=1), batch-1 latency, and the server's fuzz and soak tests against the GPU engine.
+# FP8=1 adds the Llama-3-8B shape with FP8 weights and an FP8 KV cache (issue 17's end-to-end and batch-1 ratios
+# against the bf16 runs of BIG=1).
 # FULL_SUITE=1 runs the whole GPU suite instead. pyzmq, msgspec, hypothesis, llguidance, jsonschema and gguf travel as wheels in .whl/ when the
 # machine lacks them. Logs and JSON go to $OUT.
 set -uo pipefail
@@ -34,6 +36,13 @@ if [ -n "${BIG:-}" ]; then
     timeout 240 python3 -m bench.bench_throughput --preset llama-3-8b --json "$OUT/throughput_8b.json" \
         2>"$OUT/throughput_8b.err" | tee "$OUT/throughput_8b.txt"
     tail -2 "$OUT/throughput_8b.err"
+fi
+if [ -n "${FP8:-}" ]; then
+    timeout 240 python3 -m bench.bench_throughput --preset llama-3-8b --quantization fp8 --kv-cache-dtype fp8 \
+        --json "$OUT/throughput_8b_fp8.json" 2>"$OUT/throughput_8b_fp8.err" | tee "$OUT/throughput_8b_fp8.txt"
+    tail -2 "$OUT/throughput_8b_fp8.err"
+    timeout 120 python3 -m bench.bench_latency --shapes llama-3-8b --quantization fp8 --no-eager \
+        --json "$OUT/latency_8b_fp8.json" 2>"$OUT/latency_8b_fp8.err" | tee "$OUT/latency_8b_fp8.txt"
 fi
 timeout 120 python3 -m bench.bench_latency --shapes qwen3-0.6b --json "$OUT/latency.json" 2>"$OUT/latency.err" \
     | tee "$OUT/latency.txt"

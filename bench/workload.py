@@ -26,6 +26,8 @@ WORKLOAD_OPTIONS = [
     click.option("--dtype", default="auto", show_default=True),
     click.option("--max-num-seqs", default=256, show_default=True),
     click.option("--quantization", type=click.Choice(["fp8"]), default=None, help="FP8 weights (engine option)."),
+    click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+                 help="The KV cache's dtype (engine option)."),
     click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
     click.option("--sync-scheduling", is_flag=True,
                  help="No async scheduling: read each step's tokens before the next."),
