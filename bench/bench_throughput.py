@@ -283,6 +283,8 @@ def report_lines(results: list[dict]) -> list[str]:
         lines.append(f"{r['engine']}: ms per step over {r['steps']} steps: {phases}; total {ms['total']:.2f}")
         lines.append(f"{r['engine']}: KV cache ({r['kv_cache_dtype']}) holds {r['max_cached_tokens']:,} tokens "
                      f"({r['kv_blocks_total']:,} blocks); weights {r['quantization'] or 'as the checkpoint'}")
+        if r["quantization"] or r["kv_cache_dtype"] != "auto":  # bench/floor.py counts the model dtype's bytes
+            lines.append(f"{r['engine']}: the floor above is the model dtype's: FP8 weights or K/V read fewer bytes")
     return lines
 
 
