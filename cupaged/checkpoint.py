@@ -22,6 +22,7 @@ import numpy as np
 
 from cupaged.config import ModelConfig
 from cupaged.device import array_module, resolve_dtype, to_numpy
+from cupaged.layers.fp8_linear import LINEAR_SUFFIXES, Fp8Weight, QuantizeAtLoad, dequantize_rows
 from cupaged.progress import progress
 from cupaged.tokenizer import Tokenizer
 
@@ -194,8 +195,6 @@ def _fp8_weight(name: str, codes: np.ndarray, file: Path, found: dict[str, tuple
     """An FP8 weight [out, in] and its `weight_scale` (per tensor: [] or [1]; per channel: [out] or [out, 1]) as
     fp8_linear.Fp8Weight with one float32 scale per output channel; a tensor that is not a linear layer's (an
     LM head stored in FP8) dequantized to `target`, as cupaged keeps those in the model dtype."""
-    from cupaged.layers.fp8_linear import LINEAR_SUFFIXES, Fp8Weight, dequantize_rows
-
     scale_name = name[:-len("weight")] + "weight_scale"
     if scale_name not in found:
         raise CheckpointError(f"{file}: FP8 tensor {name} has no {scale_name}")
@@ -376,3 +375,16 @@ class FiniteCheck:
         raise CheckpointError(f"{len(bad)} weight tensor{'s' if len(bad) > 1 else ''} hold NaN or Inf values: "
                               f"{', '.join(bad[:8])}{more}; the checkpoint is corrupt or was converted wrongly"
                               f"{hint}")
+
+
+def quantize_at_load(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
+    """For quantization="fp8": `tensors` with every linear layer's weight (LINEAR_SUFFIXES; not embeddings, norms,
+    LM head) wrapped in fp8_linear.QuantizeAtLoad; read on access like `tensors`. Weights already in FP8 are left
+    as they are."""
+    def load(name: str) -> Any:
+        w = tensors[name]
+        if name.endswith(LINEAR_SUFFIXES) and not isinstance(w, Fp8Weight):
+            return QuantizeAtLoad(w)
+        return w
+
+    return LazyTensors(list(tensors), load)

@@ -25,12 +25,12 @@ import json
 import numpy as np
 import pytest
 
-from cupaged.checkpoint import CheckpointError, open_checkpoint
+from cupaged.checkpoint import CheckpointError, open_checkpoint, quantize_at_load
 from cupaged.config import ConfigError, ModelConfig
 from cupaged.fp8 import decode_e4m3
 from cupaged.layers import reference
 from cupaged.layers.fp8_linear import (Fp8Linear, Fp8Weight, QuantizeAtLoad, check_device, dequantize_rows, matmul,
-                                       quantize_at_load, quantize_rows, resolve_quantization)
+                                       quantize_rows, resolve_quantization)
 from cupaged.models.llama import LlamaModel, expected_weights
 from helpers import teacher_forced_logits
 from tools.make_checkpoint import make_checkpoint

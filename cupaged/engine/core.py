@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cupaged import device as devices
-from cupaged.checkpoint import dummy_weights, open_checkpoint
+from cupaged.checkpoint import dummy_weights, open_checkpoint, quantize_at_load
 from cupaged.config import check_runnable, resolve_max_model_len
 from cupaged.device import HostCopy
 from cupaged.engine.beam_search import beam_step
@@ -117,7 +117,7 @@ class EngineCore:
             tensors = read_tensors(expected_weights(self.config), self.dtype.name,
                                    dequantize=gguf_dequantize or self.device != "cuda")
         if quantization:  # linear layers quantized to FP8 on the device they are uploaded to
-            tensors = fp8_linear.quantize_at_load(tensors)
+            tensors = quantize_at_load(tensors)
         max_num_batched_tokens = max_num_batched_tokens or max(model_len if self.device == "cpu" else 8192, 1)
         runner_args = (self.config, tensors, self.dtype, self.device, xp, block_size, max_num_batched_tokens,
                        model_len, max_num_seqs, self.kv_cache_dtype)

@@ -23,18 +23,15 @@ fused matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from cupaged.device import array_module
 from cupaged.fp8 import E4M3_MAX, decode_e4m3, encode_e4m3
-
-if TYPE_CHECKING:
-    from cupaged.checkpoint import FiniteCheck
 
 Array = Any
 
@@ -116,19 +113,20 @@ class Fp8Linear:
 
     @classmethod
     def fuse(cls, parts: list[tuple[str, Fp8Weight | QuantizeAtLoad | Array]], xp: ModuleType,
-             check: FiniteCheck | None = None) -> "Fp8Linear":
+             check: Callable[[str, Array], None] | None = None) -> "Fp8Linear":
         """One linear of named parts stacked along the outputs, uploaded to xp; a plain array among FP8 parts
-        (a checkpoint that left that one unquantized) is quantized like a QuantizeAtLoad. NaN/Inf go to check."""
+        (a checkpoint that left that one unquantized) is quantized like a QuantizeAtLoad. Each uploaded tensor
+        goes to `check` (checkpoint.FiniteCheck.add: NaN/Inf refused by name)."""
         codes, scales = [], []
         for name, part in parts:
             if isinstance(part, Fp8Weight):
                 q, s = xp.asarray(part.codes), xp.asarray(part.scales, dtype=xp.float32)
                 if check is not None:
-                    check.add(name + "_scale", s)
+                    check(name + "_scale", s)
             else:
                 w = xp.asarray(part.weight if isinstance(part, QuantizeAtLoad) else part)
                 if check is not None:
-                    check.add(name, w)
+                    check(name, w)
                 q, s = quantize_rows(w)
                 del w
             codes.append(q)
@@ -157,20 +155,6 @@ def matmul(x: Array, w: Fp8Linear, out_dtype: Any = None, out: Array | None = No
         out[...] = result
         return out
     return result
-
-
-def quantize_at_load(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
-    """`tensors` with every linear layer's weight (LINEAR_SUFFIXES; not embeddings, norms, LM head) wrapped in
-    QuantizeAtLoad; read on access like `tensors`. Weights already in FP8 are left as they are."""
-    from cupaged.checkpoint import LazyTensors
-
-    def load(name: str) -> Any:
-        w = tensors[name]
-        if name.endswith(LINEAR_SUFFIXES) and not isinstance(w, Fp8Weight):
-            return QuantizeAtLoad(w)
-        return w
-
-    return LazyTensors(list(tensors), load)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU

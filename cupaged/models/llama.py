@@ -100,7 +100,8 @@ class Layer:
         def fused(*names: str) -> DenseLinear | QuantizedLinear | Fp8Linear:  # [sum of outs, in], contiguous
             raw = [t[prefix + n] for n in names]
             if any(isinstance(w, (Fp8Weight, QuantizeAtLoad)) for w in raw):  # FP8: kept [out, in], K-major
-                return Fp8Linear.fuse([(prefix + n, w) for n, w in zip(names, raw)], xp, check)
+                return Fp8Linear.fuse([(prefix + n, w) for n, w in zip(names, raw)], xp,
+                                       check.add if check is not None else None)
             quantized = [isinstance(w, QuantizedWeight) for w in raw]
             if all(quantized):  # kept as in the file: the kernels read [out, in] blocks
                 return QuantizedLinear.fuse([upload_quantized(prefix + n, w, xp, check)
