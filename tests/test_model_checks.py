@@ -409,7 +409,7 @@ def test_cublas_not_found_names_library_and_command(monkeypatch) -> None:
     spec.loader.exec_module(cublas)
     monkeypatch.setattr(ctypes, "CDLL", no_library)
     with pytest.raises(RuntimeError, match=r'cuBLAS \(libcublas\.so\.12\) not found: pip install "cupaged\[cuda12\]"'):
-        cublas._load_library()
+        cublas.load_library()
 
 
 def test_nvrtc_missing_and_headers_missing_are_explained(monkeypatch) -> None:

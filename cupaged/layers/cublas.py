@@ -28,28 +28,29 @@ _GEMM_DEFAULT = -1         # cublasGemmAlgo_t CUBLAS_GEMM_DEFAULT
 WORKSPACE_BYTES = 32 << 20  # what cuBLAS recommends for Hopper
 
 
-def _load_library() -> ctypes.CDLL:
-    """The cuBLAS that CuPy uses (found by cuda-pathfinder, which ships with CuPy 14), else the system's."""
+def load_library(lib: str = "cublas", label: str = "cuBLAS") -> ctypes.CDLL:
+    """The library `lib` (cublas, cublasLt) that CuPy uses (found by cuda-pathfinder, which ships with CuPy 14),
+    else the system's; `label` names it in the error that says how to install it."""
     try:
         from cuda.pathfinder import load_nvidia_dynamic_lib
 
-        return ctypes.CDLL(load_nvidia_dynamic_lib("cublas").abs_path)
+        return ctypes.CDLL(load_nvidia_dynamic_lib(lib).abs_path)
     except Exception:  # older CuPy, or the library is only on the loader's path
         pass
-    for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+    for name in (f"lib{lib}.so.13", f"lib{lib}.so.12", f"lib{lib}.so"):
         try:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    major = cupy_cuda_major()  # the CUDA of the installed CuPy wheel: the cuBLAS it needs
-    raise RuntimeError(missing_library_message(f"cuBLAS (libcublas.so.{major or '*'})"))
+    major = cupy_cuda_major()  # the CUDA of the installed CuPy wheel: the library it needs
+    raise RuntimeError(missing_library_message(f"{label} (lib{lib}.so.{major or '*'})"))
 
 
 class Cublas:
     """One cuBLAS handle with its own workspace, bound to whichever stream issues the next GEMM."""
 
     def __init__(self) -> None:
-        self.lib = _load_library()
+        self.lib = load_library()
         self.handle = ctypes.c_void_p()
         self._check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
         self.workspace = lasting_empty(WORKSPACE_BYTES, np.uint8)  # kept for the process: not from a graph's pool

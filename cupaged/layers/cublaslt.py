@@ -20,7 +20,8 @@ from typing import Any
 import cupy
 import numpy as np
 
-from cupaged.device import cupy_cuda_major, lasting_empty, missing_library_message
+from cupaged.device import lasting_empty
+from cupaged.layers.cublas import load_library
 
 Array = Any
 
@@ -40,23 +41,6 @@ class HeuristicResult(ctypes.Structure):
     """cublasLtMatmulHeuristicResult_t: the algorithm (cublasLtMatmulAlgo_t, 8 uint64), its workspace, status."""
     _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
                 ("waves_count", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
-
-
-def _load_library() -> ctypes.CDLL:
-    """The cuBLASLt that ships with the cuBLAS CuPy uses (cuda-pathfinder), else the system's."""
-    try:
-        from cuda.pathfinder import load_nvidia_dynamic_lib
-
-        return ctypes.CDLL(load_nvidia_dynamic_lib("cublasLt").abs_path)
-    except Exception:
-        pass
-    for name in ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    major = cupy_cuda_major()
-    raise RuntimeError(missing_library_message(f"cuBLASLt (libcublasLt.so.{major or '*'})"))
 
 
 class _Plan:
@@ -93,7 +77,7 @@ class CublasLt:
     """One cuBLASLt handle, its workspace and the plans of the shapes seen so far."""
 
     def __init__(self) -> None:
-        self.lib = _load_library()
+        self.lib = load_library("cublasLt", "cuBLASLt")  # beside the cuBLAS CuPy uses
         self.handle = ctypes.c_void_p()
         self.check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
         self.workspace = lasting_empty(WORKSPACE_BYTES, np.uint8)  # kept for the process: not from a graph's pool
