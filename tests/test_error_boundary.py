@@ -109,6 +109,8 @@ def test_parameters_that_need_the_model_are_checked_at_add_request(path, params,
     (dict(gguf_dequantize="yes"), "gguf_dequantize"),
     (dict(kv_cache_dtype=8), "kv_cache_dtype"),
     (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
+    (dict(quantization=8), "quantization"),
+    (dict(quantization="int8"), "quantization"),
     (dict(tensor_parallel_size="2"), "tensor_parallel_size"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size"),
     (dict(tensor_parallel_size=3), "tensor_parallel_size"),  # does not divide the tiny model's heads
