@@ -6,8 +6,8 @@ at the measured copy bandwidth allows.
 
 Each shape is a preset of tools/make_checkpoint.py written without weights; the engine makes random bf16 weights
 on the GPU (`load_format="dummy"`). One request, a 128-token prompt, greedy, EOS ignored; the time of every step
-after the first (the prefill) is measured, with the CUDA graphs and (unless --no-eager) with `enforce_eager`. Bytes per token = every
-weight the step reads (the embedding table counts only when it is also the LM head) + the K/V read; the limit
+after the first (the prefill) is measured, with the CUDA graphs and (unless --no-eager) with `enforce_eager`.
+Bytes per token = every weight the step reads (the embedding table counts only when it is also the LM head) + the K/V read; the limit
 is the device-to-device copy bandwidth (bytes read + written, the same as bench_decode_attention) over them.
 With `--quantization fp8` the linear layers are quantized to FP8 at load (1 byte a weight in the limit).
 """

@@ -309,7 +309,8 @@ def table(results: list[dict], peers: bool) -> list[str]:
 @click.option("--json", "json_path", default=None)
 def main(model: str | None, preset: str | None, num_requests: int, scale: int, device: str | None, dtype: str,
          max_num_seqs: int, max_num_batched_tokens: int | None, quantization: str | None, kv_cache_dtype: str,
-         enforce_eager: bool, sync_scheduling: bool, peers: bool, peer_requests: int | None, json_path: str | None) -> None:
+         enforce_eager: bool, sync_scheduling: bool, peers: bool, peer_requests: int | None,
+         json_path: str | None) -> None:
     """Offline throughput of cupaged on nano-vllm's workload, beside the physical floor of the steps it ran."""
     if peers and preset:
         raise click.UsageError("--peers needs --model: transformers loads a checkpoint's weights, and a --preset "

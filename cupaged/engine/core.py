@@ -161,7 +161,8 @@ class EngineCore:
         self.kv_history: list[tuple[int, int]] | None = None
         logger.info("loaded %s (%s, %d layers) as %s%s on %s in %.1fs; KV cache (%s): %d blocks of %d tokens, "
                     "%d tokens at most (%.2f GiB)", model, self.config.architecture, self.config.num_layers,
-                    self.dtype.name, f" (linear layers {self.quantization})" if self.quantization else "", self.device, time.perf_counter() - t0, self.kv_cache_dtype, num_blocks,
+                    self.dtype.name, f" (linear layers {self.quantization})" if self.quantization else "",
+                    self.device, time.perf_counter() - t0, self.kv_cache_dtype, num_blocks,
                     block_size, num_blocks * block_size, num_blocks * self.runner.bytes_per_block() / 2**30)
 
     def info(self) -> CoreInfo:
